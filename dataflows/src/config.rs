@@ -1,0 +1,67 @@
+//! The pipeline's typed configuration: one section per stage, named after the stage.
+//! Parsed from the `[source] [decode] [embed] [pca] [kmeans]` tables of cluster.toml.
+
+use crate::decode::DecodeConfig;
+use crate::embed::EmbedConfig;
+use crate::stats::{KMeansConfig, PcaConfig};
+use serde::{Deserialize, Serialize};
+
+/// Settings of the source stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// How often to re-list the archive when tailing, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Most changes per epoch; statistics are published at every epoch boundary.
+    pub epoch_size: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            poll_interval_ms: 2000,
+            epoch_size: 1024,
+        }
+    }
+}
+
+/// The whole pipeline's settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// `[source]`: listing and epochs.
+    pub source: SourceConfig,
+    /// `[decode]`: input validation.
+    pub decode: DecodeConfig,
+    /// `[embed]`: the model.
+    pub embed: EmbedConfig,
+    /// `[pca]`: components kept.
+    pub pca: PcaConfig,
+    /// `[kmeans]`: clustering.
+    pub kmeans: KMeansConfig,
+}
+
+impl PipelineConfig {
+    /// Checks values a typo could make meaningless.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.source.epoch_size > 0,
+            "[source] epoch_size must be positive"
+        );
+        anyhow::ensure!(
+            self.pca.variance > 0.0 && self.pca.variance <= 1.0,
+            "[pca] variance must be in (0, 1]"
+        );
+        anyhow::ensure!(self.pca.k != Some(0), "[pca] k must be positive");
+        anyhow::ensure!(self.kmeans.k > 0, "[kmeans] k must be positive");
+        anyhow::ensure!(
+            self.kmeans.decay > 0.0 && self.kmeans.decay <= 1.0,
+            "[kmeans] decay must be in (0, 1]"
+        );
+        anyhow::ensure!(
+            self.embed.input_size > 0,
+            "[embed] input_size must be positive"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! The embed stage as a timely operator. Each worker owns the keys that hash to it and
+//! keeps the rows it produced, so a deletion or rewrite retracts exactly the row that was
+//! added (the CNN never re-runs on a vanished object).
+
+use super::Embedder;
+use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
+use crate::source::Source;
+use std::collections::HashMap;
+use std::sync::Arc;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::StreamVec;
+
+/// A differential update of the live-image collection: (row, time, diff).
+pub type RowUpdate = (ImageRow, Epoch, i64);
+
+/// What the embed stage produces for one change.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Outcome {
+    /// A row entering (+1) or leaving (-1) the live collection.
+    Row(RowUpdate),
+    /// An object that could not be embedded.
+    Error(ErrorRecord),
+}
+
+/// Routes each change to its owner, embeds additions and retracts what deletions remove.
+/// `owned` holds rows restored from a checkpoint for the keys this worker owns.
+pub fn embed<'s>(
+    changes: StreamVec<'s, Epoch, Change>,
+    source: Arc<dyn Source>,
+    mut embedder: Embedder,
+    mut owned: HashMap<ImageKey, ImageRow>,
+) -> StreamVec<'s, Epoch, Outcome> {
+    let peers = changes.scope().peers() as u64;
+    changes.unary(Exchange::new(move |c: &Change| c.key.bucket() % peers), "embed", move |_, _| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                let Some(&epoch) = cap.least() else { return };
+                let mut session = output.session(&cap);
+                for change in data.drain(..) {
+                    // Whatever the change, the previous version (if any) leaves.
+                    if let Some(old) = owned.remove(&change.key) {
+                        session.give(Outcome::Row((old, epoch, -1)));
+                    }
+                    if let ChangeKind::Upsert { .. } = change.kind {
+                        match embed_one(&change.key, source.as_ref(), &mut embedder) {
+                            Ok(row) => {
+                                owned.insert(row.key.clone(), row.clone());
+                                session.give(Outcome::Row((row, epoch, 1)));
+                            }
+                            Err((kind, reason)) => {
+                                tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
+                                session.give(Outcome::Error(ErrorRecord { key: change.key, kind, reason, epoch }));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    })
+}
+
+fn embed_one(
+    key: &ImageKey,
+    source: &dyn Source,
+    embedder: &mut Embedder,
+) -> Result<ImageRow, (ErrorKind, String)> {
+    let label = key.label().map_err(|reason| (ErrorKind::Layout, reason))?;
+    let bytes = source
+        .read(key)
+        .map_err(|e| (ErrorKind::Read, format!("{e:#}")))?;
+    let embedding = embedder
+        .embed_bytes(&bytes)
+        .map_err(|e| (e.kind, e.reason))?;
+    Ok(ImageRow {
+        key: key.clone(),
+        label,
+        embedding,
+    })
+}

@@ -1,0 +1,23 @@
+//! fruits-dataflows: the fruits-flow computation, with no CLI or HTTP code.
+//!
+//! The stages, in pipeline order (start reading at [`ingest`], which wires them):
+//! - [`source`]: lists the archive and turns listings into changes (the ledger);
+//! - [`decode`]: bytes → validated RGB → model input tensor;
+//! - [`embed`]: tract-onnx CNN → fixed-point embeddings; retractions for deletions;
+//! - [`stats`]: exact moments → standardized PCA → online KMeans;
+//! - [`sink`]: Parquet rows, model JSON, error records, status;
+//! - [`state`]: per-epoch checkpoints and the commit point.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod decode;
+pub mod embed;
+pub mod ingest;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod stats;
+
+pub use config::PipelineConfig;
+pub use ingest::{run_worker, RunOptions};

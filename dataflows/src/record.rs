@@ -1,0 +1,229 @@
+//! What flows on the dataflow's edges: keys, labels, fixed-point embeddings, source
+//! changes, and error records. Every type here is plain data (serde), so it can cross
+//! process boundaries through timely's serializer.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A logical time of the dataflow: one batch of source changes.
+pub type Epoch = u64;
+
+/// Number of fixed ownership buckets. Fixed forever so ownership survives any change of
+/// worker count: the owner of bucket `b` is worker `b % peers`.
+pub const BUCKETS: u64 = 1024;
+
+/// Embedding values are stored as `round(x * 2^FIXED_POINT_SHIFT)`. Integer moments are
+/// exactly associative, so statistics do not depend on worker count or arrival order.
+pub const FIXED_POINT_SHIFT: u32 = 20;
+const FIXED_POINT_SCALE: f64 = (1u64 << FIXED_POINT_SHIFT) as f64;
+
+/// An image's place in the archive, relative to the source root: `<Label>/<name>`.
+/// Kept byte-exact (labels contain spaces).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ImageKey(pub String);
+
+impl ImageKey {
+    /// The label folder of this key, or why the key is not a `<Label>/<name>` pair.
+    pub fn label(&self) -> Result<Label, String> {
+        let mut parts = self.0.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(label), Some(name), None) if !label.is_empty() && !name.is_empty() => {
+                Ok(Label(label.to_string()))
+            }
+            (Some(_), None, _) => Err("file is outside any label folder".to_string()),
+            _ => Err("file is not directly inside a label folder (<Label>/<name>)".to_string()),
+        }
+    }
+
+    /// Stable bucket of this key (xxh3 with its fixed default seed).
+    pub fn bucket(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.0.as_bytes()) % BUCKETS
+    }
+
+    /// The worker that owns this key among `peers` workers.
+    pub fn owner(&self, peers: usize) -> usize {
+        (self.bucket() % peers as u64) as usize
+    }
+}
+
+impl fmt::Display for ImageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A fruit label: the name of the folder an image sits in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Label(pub String);
+
+/// A CNN embedding in fixed point (see [`FIXED_POINT_SHIFT`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Embedding(pub Vec<i32>);
+
+impl Embedding {
+    /// Quantizes model output. Fails on NaN/inf or values too large for the fixed point
+    /// range (|x| >= 2^11), which would silently corrupt the moments otherwise.
+    pub fn quantize(values: &[f32]) -> Result<Self, String> {
+        let limit = (i32::MAX as f64) / FIXED_POINT_SCALE;
+        values
+            .iter()
+            .map(|&x| {
+                let x = x as f64;
+                if !x.is_finite() || x.abs() >= limit {
+                    Err(format!(
+                        "embedding value {x} is outside the fixed-point range ±{limit}"
+                    ))
+                } else {
+                    Ok((x * FIXED_POINT_SCALE).round() as i32)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Embedding)
+    }
+
+    /// The values as f32. Exact for |x| < 8 (the quantized value needs at most 24 bits),
+    /// which holds for ReLU6 networks, so a stored f32 re-quantizes to the same integers.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.0
+            .iter()
+            .map(|&q| (q as f64 / FIXED_POINT_SCALE) as f32)
+            .collect()
+    }
+
+    /// The values as f64 (exact).
+    pub fn to_f64(&self) -> Vec<f64> {
+        self.0
+            .iter()
+            .map(|&q| q as f64 / FIXED_POINT_SCALE)
+            .collect()
+    }
+
+    /// Number of dimensions.
+    pub fn dim(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// One image as the statistics see it: the data of the differential collection of live
+/// images (an addition has diff +1, a deletion -1).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ImageRow {
+    /// Where the image is in the archive.
+    pub key: ImageKey,
+    /// Its label folder.
+    pub label: Label,
+    /// Its embedding.
+    pub embedding: Embedding,
+}
+
+/// A change to the archive found by the source's listing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Change {
+    /// The object that changed.
+    pub key: ImageKey,
+    /// What happened to it.
+    pub kind: ChangeKind,
+}
+
+/// What happened to an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// New, or its content changed; `version` identifies the content (size and mtime, or
+    /// an ETag).
+    Upsert {
+        /// Identity of the object's content.
+        version: String,
+    },
+    /// It is gone from the archive.
+    Delete,
+}
+
+/// Why an image could not be ingested. The string forms are stable: they appear in the
+/// error records and in metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The file could not be read.
+    Read,
+    /// Zero bytes.
+    Empty,
+    /// Not an image at all.
+    NotAnImage,
+    /// An image, but not a JPEG.
+    UnsupportedFormat,
+    /// A JPEG that does not decode (truncated or corrupt).
+    Corrupt,
+    /// Not a 3-channel RGB image (grayscale, CMYK, ...).
+    ColorSpace,
+    /// Larger than the configured maximum dimension.
+    TooLarge,
+    /// Not in the `<Label>/<name>` layout.
+    Layout,
+    /// The model failed on this input.
+    Model,
+}
+
+impl ErrorKind {
+    /// Stable name used in records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Read => "read",
+            ErrorKind::Empty => "empty",
+            ErrorKind::NotAnImage => "not_an_image",
+            ErrorKind::UnsupportedFormat => "unsupported_format",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::ColorSpace => "color_space",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Layout => "layout",
+            ErrorKind::Model => "model",
+        }
+    }
+}
+
+/// A quarantined input: which object, why, and in which epoch it was seen.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    /// The object that failed.
+    pub key: ImageKey,
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// A human-readable reason.
+    pub reason: String,
+    /// The epoch in which it was seen.
+    pub epoch: Epoch,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_keep_spaces_and_reject_bad_layouts() {
+        assert_eq!(
+            ImageKey("Apple Golden 1/r_1.jpg".into()).label().unwrap().0,
+            "Apple Golden 1"
+        );
+        assert!(ImageKey("loose.jpg".into())
+            .label()
+            .unwrap_err()
+            .contains("outside any label"));
+        assert!(ImageKey("a/b/c.jpg".into()).label().is_err());
+    }
+
+    #[test]
+    fn quantization_round_trips_through_f32() {
+        let values = [0.0f32, 1.5, 5.999_999, 3.141_592_7, 1e-7];
+        let e = Embedding::quantize(&values).unwrap();
+        assert_eq!(Embedding::quantize(&e.to_f32()).unwrap(), e);
+        assert!(Embedding::quantize(&[f32::NAN]).is_err());
+        assert!(Embedding::quantize(&[5000.0]).is_err());
+    }
+
+    #[test]
+    fn ownership_is_stable_and_total() {
+        let key = ImageKey("Banana 1/0_100.jpg".into());
+        assert!(key.bucket() < BUCKETS);
+        for peers in 1..9 {
+            assert_eq!(key.owner(peers), (key.bucket() % peers as u64) as usize);
+        }
+    }
+}

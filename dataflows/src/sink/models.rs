@@ -1,0 +1,76 @@
+//! The published outputs derived from a checkpoint: the models as JSON (scaler, PCA,
+//! KMeans), the error records as CSV, and the status object that `status --json` prints.
+
+use super::OutputStore;
+use crate::state::Checkpoint;
+use anyhow::Result;
+use serde_json::json;
+
+/// The status object: images, labels, errors, PCA and KMeans summaries.
+pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
+    let models = &checkpoint.models;
+    let mut errors_by_kind = std::collections::BTreeMap::<&str, usize>::new();
+    for e in checkpoint.errors.values() {
+        *errors_by_kind.entry(e.kind.as_str()).or_default() += 1;
+    }
+    json!({
+        "epoch": checkpoint.epoch,
+        "source": checkpoint.source,
+        "images": checkpoint.images(),
+        "labels": checkpoint.labels,
+        "errors": checkpoint.errors.len(),
+        "errors_by_kind": errors_by_kind,
+        "pca": models.pca.as_ref().map(|p| json!({
+            "k": p.k,
+            "n": p.n,
+            "explained_variance": p.explained_variance(),
+            "explained_variance_ratio": p.explained_variance_ratio[..p.k],
+        })),
+        "kmeans": json!({
+            "k": models.kmeans.centroids.len(),
+            "counts": models.kmeans.weights.iter().map(|w| w.round() as i64).collect::<Vec<_>>(),
+            "pending": models.kmeans.pending.len(),
+        }),
+    })
+}
+
+/// Writes `models/*.json`, `errors.csv` and `status.json` for a committed checkpoint.
+pub fn publish(store: &dyn OutputStore, checkpoint: &Checkpoint) -> Result<()> {
+    let models = &checkpoint.models;
+    if let Some(pca) = &models.pca {
+        store.put("models/scaler.json", &serde_json::to_vec(&pca.scaler)?)?;
+        let doc = json!({
+            "epoch": checkpoint.epoch,
+            "n": pca.n,
+            "k": pca.k,
+            "explained_variance_ratio": pca.explained_variance_ratio,
+            "eigenvalues": pca.eigenvalues,
+            "components": pca.components,
+        });
+        store.put("models/pca.json", &serde_json::to_vec(&doc)?)?;
+        let kmeans = json!({
+            "epoch": checkpoint.epoch,
+            "k": models.kmeans.centroids.len(),
+            "counts": models.kmeans.weights,
+            "centroids": models.kmeans.centroids,
+            "centroids_pca": models.kmeans.projected_centroids(pca),
+        });
+        store.put("models/kmeans.json", &serde_json::to_vec(&kmeans)?)?;
+    }
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record(["key", "kind", "reason", "epoch"])?;
+    for e in checkpoint.errors.values() {
+        csv.write_record([
+            e.key.0.as_str(),
+            e.kind.as_str(),
+            e.reason.as_str(),
+            &e.epoch.to_string(),
+        ])?;
+    }
+    store.put("errors.csv", &csv.into_inner()?)?;
+    store.put(
+        "status.json",
+        &serde_json::to_vec_pretty(&status(checkpoint))?,
+    )?;
+    Ok(())
+}

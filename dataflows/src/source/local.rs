@@ -1,0 +1,114 @@
+//! A local directory in the Fruits-360 layout. The version of a file is its size and
+//! modification time, so a rewritten file is ingested again.
+
+use super::{ListedObject, Source};
+use crate::record::ImageKey;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+/// A local archive rooted at a directory.
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    /// Opens `root`, which must be an existing directory.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref();
+        let meta = std::fs::metadata(root)
+            .with_context(|| format!("source directory {} is not readable", root.display()))?;
+        anyhow::ensure!(
+            meta.is_dir(),
+            "source {} is not a directory",
+            root.display()
+        );
+        let root = root
+            .canonicalize()
+            .with_context(|| format!("resolving {}", root.display()))?;
+        Ok(LocalDir { root })
+    }
+
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<ListedObject>) -> Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // A folder deleted while we list it is simply gone.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Hidden files are editor/OS droppings (.DS_Store) and in-flight temp files.
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            let key = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if meta.is_dir() {
+                self.walk(&entry.path(), &key, out)?;
+            } else if meta.is_file() {
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                out.push(ListedObject {
+                    key: ImageKey(key),
+                    version: format!("{}-{}", meta.len(), mtime),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Source for LocalDir {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn list(&self) -> Result<Vec<ListedObject>> {
+        let mut out = Vec::new();
+        self.walk(&self.root, "", &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, key: &ImageKey) -> Result<Vec<u8>> {
+        let path = self.root.join(&key.0);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    fn path_of(&self, key: &ImageKey) -> String {
+        self.root.join(&key.0).display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_nested_keys_with_spaces_and_skips_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("Apple Golden 1")).unwrap();
+        std::fs::write(dir.path().join("Apple Golden 1/a b.jpg"), b"x").unwrap();
+        std::fs::write(dir.path().join("Apple Golden 1/.DS_Store"), b"x").unwrap();
+        std::fs::write(dir.path().join("loose.jpg"), b"xy").unwrap();
+        let src = LocalDir::open(dir.path()).unwrap();
+        let keys: Vec<_> = src.list().unwrap().into_iter().map(|o| o.key.0).collect();
+        assert_eq!(keys, vec!["Apple Golden 1/a b.jpg", "loose.jpg"]);
+        assert_eq!(src.read(&ImageKey("loose.jpg".into())).unwrap(), b"xy");
+    }
+
+    #[test]
+    fn missing_directory_is_a_clear_error() {
+        let err = LocalDir::open("/definitely/not/here").err().unwrap();
+        assert!(format!("{err:#}").contains("/definitely/not/here"));
+    }
+}

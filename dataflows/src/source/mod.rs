@@ -1,0 +1,50 @@
+//! The source stage: where images come from. A [`Source`] lists the archive and reads
+//! objects; the [`ledger::Ledger`] turns successive listings into [`Change`]s, so the
+//! dataflow sees each object once per content version, and deletions as retractions.
+
+pub mod ledger;
+pub mod local;
+
+use crate::record::ImageKey;
+use anyhow::Result;
+
+pub use ledger::Ledger;
+pub use local::LocalDir;
+
+/// One object seen by a listing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListedObject {
+    /// Its key relative to the source root.
+    pub key: ImageKey,
+    /// Identity of its content: changes when the object is rewritten.
+    pub version: String,
+}
+
+/// An archive of images in the Fruits-360 layout (`<root>/<Label>/<name>`).
+///
+/// This is the seam for other stores (S3 in a later stage): the dataflow only lists and
+/// reads through it.
+pub trait Source: Send + Sync {
+    /// A human-readable location (`/data/fruits`, `s3://bucket/prefix`), no secrets.
+    fn location(&self) -> String;
+    /// Every object under the root, sorted by key. Hidden files are skipped.
+    fn list(&self) -> Result<Vec<ListedObject>>;
+    /// The bytes of one object.
+    fn read(&self, key: &ImageKey) -> Result<Vec<u8>>;
+    /// The full path or URL of a key, as written in output rows.
+    fn path_of(&self, key: &ImageKey) -> String;
+    /// The key of a path written by [`Source::path_of`], if it lies under this source.
+    fn key_of(&self, path: &str) -> Option<ImageKey> {
+        let root = self.location();
+        let rest = path.strip_prefix(root.as_str())?.strip_prefix('/')?;
+        Some(ImageKey(rest.to_string()))
+    }
+}
+
+/// Opens the source named by `location` (a local directory for now).
+pub fn open(location: &str) -> Result<Box<dyn Source>> {
+    if location.starts_with("s3://") {
+        anyhow::bail!("S3 sources are not supported yet: {location}");
+    }
+    Ok(Box::new(LocalDir::open(location)?))
+}

@@ -1,0 +1,245 @@
+//! Online KMeans over PCA features, deterministic by construction. Centroids are kept in
+//! raw embedding space as weighted means: the PCA map is affine, so projecting a raw mean
+//! equals the mean of the projections, and a new PCA basis needs no centroid rotation.
+//! Each epoch's points are assigned with the previous centroids under the current PCA,
+//! then folded in per cluster in index order (mini-batch update, with Spark
+//! StreamingKMeans-style decay). The result depends only on the epoch's contents, never
+//! on worker count or arrival order within it.
+
+use super::pca::PcaModel;
+use crate::record::{Embedding, ImageKey};
+use serde::{Deserialize, Serialize};
+
+/// Settings of the clustering (`[kmeans]` in the config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KMeansConfig {
+    /// Number of clusters.
+    pub k: usize,
+    /// Weight kept by old points per epoch (1.0 = remember everything), as Spark's
+    /// decayFactor with timeUnit "batches".
+    pub decay: f64,
+    /// Half-life in epochs; overrides `decay` with `0.5^(1/half_life)`.
+    pub half_life: Option<f64>,
+    /// Seed of the k-means++ initialisation.
+    pub seed: u64,
+    /// Lloyd iterations run on the seeding batch.
+    pub init_iterations: usize,
+}
+
+impl Default for KMeansConfig {
+    fn default() -> Self {
+        KMeansConfig {
+            k: 10,
+            decay: 1.0,
+            half_life: None,
+            seed: 42,
+            init_iterations: 20,
+        }
+    }
+}
+
+impl KMeansConfig {
+    /// The effective per-epoch decay factor.
+    pub fn decay_factor(&self) -> f64 {
+        match self.half_life {
+            Some(h) if h > 0.0 => 0.5f64.powf(1.0 / h),
+            _ => self.decay,
+        }
+    }
+}
+
+/// Clustering state: raw-space centroids with their weights.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KMeans {
+    /// Centroids in raw embedding space (empty until seeded).
+    pub centroids: Vec<Vec<f64>>,
+    /// Weight (decayed point count) of each centroid.
+    pub weights: Vec<f64>,
+    /// Points seen before seeding was possible (fewer than k so far), in key order.
+    pub pending: Vec<(ImageKey, Vec<f64>)>,
+}
+
+/// One point of an epoch: its key (for a deterministic order), raw values and diff.
+pub type EpochPoint = (ImageKey, Embedding, i64);
+
+impl KMeans {
+    /// Folds one epoch's points (any order) into the clustering, using `pca` for distances.
+    pub fn update(&mut self, mut points: Vec<EpochPoint>, pca: &PcaModel, config: &KMeansConfig) {
+        points.sort();
+        if self.centroids.is_empty() {
+            self.collect_pending(points);
+            if self.pending.len() >= config.k.max(1) && pca.n >= 2 {
+                self.seed(pca, config);
+            }
+            return;
+        }
+        let projected: Vec<Vec<f64>> = self.centroids.iter().map(|c| pca.project(c)).collect();
+        let d = self.centroids[0].len();
+        let k = self.centroids.len();
+        let (mut counts, mut sums) = (vec![0.0f64; k], vec![vec![0.0f64; d]; k]);
+        for (_, e, diff) in &points {
+            let x = e.to_f64();
+            let c = nearest(&projected, &pca.project(&x));
+            counts[c] += *diff as f64;
+            sums[c]
+                .iter_mut()
+                .zip(&x)
+                .for_each(|(s, v)| *s += *diff as f64 * v);
+        }
+        let a = config.decay_factor();
+        for c in 0..k {
+            let kept = a * self.weights[c];
+            let w = kept + counts[c];
+            if w > 0.0 && counts[c] != 0.0 {
+                for (m, s) in self.centroids[c].iter_mut().zip(&sums[c]) {
+                    *m = (kept * *m + s) / w;
+                }
+            }
+            self.weights[c] = w.max(0.0);
+        }
+    }
+
+    /// Keeps points until there are enough to seed (before the first PCA, or fewer than k).
+    pub fn collect_pending(&mut self, points: Vec<EpochPoint>) {
+        for (key, e, diff) in points {
+            if diff > 0 {
+                self.pending.push((key, e.to_f64()));
+            } else if let Some(i) = self.pending.iter().position(|(k, _)| *k == key) {
+                self.pending.remove(i);
+            }
+        }
+        self.pending.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+
+    /// k-means++ with a fixed seed over the pending points (key order), then Lloyd.
+    fn seed(&mut self, pca: &PcaModel, config: &KMeansConfig) {
+        let pending = std::mem::take(&mut self.pending);
+        let projected: Vec<Vec<f64>> = pending.iter().map(|(_, x)| pca.project(x)).collect();
+        let mut rng = SplitMix64(config.seed);
+        let mut chosen = vec![(rng.next() % projected.len() as u64) as usize];
+        while chosen.len() < config.k {
+            let d2: Vec<f64> = projected
+                .iter()
+                .map(|p| {
+                    chosen
+                        .iter()
+                        .map(|&c| dist2(p, &projected[c]))
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .collect();
+            let total: f64 = d2.iter().sum();
+            if total <= 0.0 {
+                break; // fewer distinct points than k
+            }
+            let mut target = rng.next_f64() * total;
+            let mut pick = d2.len() - 1;
+            for (i, w) in d2.iter().enumerate() {
+                if target < *w {
+                    pick = i;
+                    break;
+                }
+                target -= w;
+            }
+            chosen.push(pick);
+        }
+        let mut centres: Vec<Vec<f64>> = chosen.iter().map(|&i| projected[i].clone()).collect();
+        let mut assignment = vec![0usize; projected.len()];
+        for _ in 0..config.init_iterations.max(1) {
+            let next: Vec<usize> = projected.iter().map(|p| nearest(&centres, p)).collect();
+            let stable = next == assignment;
+            assignment = next;
+            for (c, centre) in centres.iter_mut().enumerate() {
+                let members: Vec<&Vec<f64>> = projected
+                    .iter()
+                    .zip(&assignment)
+                    .filter(|(_, &a)| a == c)
+                    .map(|(p, _)| p)
+                    .collect();
+                if !members.is_empty() {
+                    *centre = mean(members.into_iter(), centre.len());
+                }
+            }
+            if stable {
+                break;
+            }
+        }
+        let d = pending[0].1.len();
+        self.centroids = (0..centres.len())
+            .map(|c| {
+                let members = pending
+                    .iter()
+                    .zip(&assignment)
+                    .filter(|(_, &a)| a == c)
+                    .map(|(p, _)| &p.1);
+                mean(members, d)
+            })
+            .collect();
+        self.weights = (0..centres.len())
+            .map(|c| assignment.iter().filter(|&&a| a == c).count() as f64)
+            .collect();
+        // A centre that lost all members keeps its seed point in raw space.
+        for (c, &i) in chosen.iter().enumerate() {
+            if self.weights[c] == 0.0 {
+                self.centroids[c] = pending[i].1.clone();
+            }
+        }
+    }
+
+    /// Index of the cluster nearest to raw embedding `x` under `pca`.
+    pub fn assign(&self, x: &[f64], pca: &PcaModel) -> Option<usize> {
+        if self.centroids.is_empty() {
+            return None;
+        }
+        let projected: Vec<Vec<f64>> = self.centroids.iter().map(|c| pca.project(c)).collect();
+        Some(nearest(&projected, &pca.project(x)))
+    }
+
+    /// Centroids in PCA space, for reports.
+    pub fn projected_centroids(&self, pca: &PcaModel) -> Vec<Vec<f64>> {
+        self.centroids.iter().map(|c| pca.project(c)).collect()
+    }
+}
+
+fn mean<'a>(rows: impl Iterator<Item = &'a Vec<f64>>, d: usize) -> Vec<f64> {
+    let mut sum = vec![0.0; d];
+    let mut n = 0usize;
+    for r in rows {
+        sum.iter_mut().zip(r).for_each(|(s, v)| *s += v);
+        n += 1;
+    }
+    sum.iter().map(|s| s / n.max(1) as f64).collect()
+}
+
+fn dist2(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Nearest centre; ties go to the lowest index.
+pub fn nearest(centres: &[Vec<f64>], p: &[f64]) -> usize {
+    let mut best = (f64::INFINITY, 0);
+    for (i, c) in centres.iter().enumerate() {
+        let d = dist2(c, p);
+        if d < best.0 {
+            best = (d, i);
+        }
+    }
+    best.1
+}
+
+/// A tiny fixed-seed generator (SplitMix64): the seeding must be reproducible across
+/// platforms and crate versions, which a general-purpose RNG does not promise.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn next_f64(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

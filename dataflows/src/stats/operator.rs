@@ -1,0 +1,270 @@
+//! The statistics stage as timely operators: per-worker moment partials per epoch, and
+//! the worker-0 operator that merges them with the epoch's points into new models once
+//! the epoch is complete everywhere.
+
+use super::{kmeans::EpochPoint, KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
+use crate::embed::operator::RowUpdate;
+use crate::record::Epoch;
+use std::collections::BTreeMap;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+/// One moment partial per worker and epoch, emitted when the epoch is complete: the
+/// O(d²) work per image stays on the worker that embedded it.
+pub fn moment_partials<'s>(
+    rows: StreamVec<'s, Epoch, RowUpdate>,
+    dim: usize,
+) -> StreamVec<'s, Epoch, Moments> {
+    rows.unary_frontier(Pipeline, "moments", move |_, _| {
+        let mut open: BTreeMap<Epoch, (Capability<Epoch>, MomentsAccumulator)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let entry = open.entry(t).or_insert_with(|| {
+                    (
+                        cap.retain_least(0).expect("stamped"),
+                        MomentsAccumulator::new(dim),
+                    )
+                });
+                for (row, _, diff) in data.iter() {
+                    entry.1.add(&row.embedding, *diff);
+                }
+            });
+            while let Some(entry) = open.first_entry() {
+                if frontier.less_equal(entry.key()) {
+                    break;
+                }
+                let (cap, acc) = entry.remove();
+                output.session(&cap).give(acc.finish());
+            }
+        }
+    })
+}
+
+/// On worker 0: merges each complete epoch's partials (exactly, in integers) and folds
+/// its points into the KMeans, then emits the new models at that epoch.
+pub fn models<'s>(
+    partials: StreamVec<'s, Epoch, Moments>,
+    rows: StreamVec<'s, Epoch, RowUpdate>,
+    mut models: Models,
+    pca: PcaConfig,
+    kmeans: KMeansConfig,
+) -> StreamVec<'s, Epoch, Models> {
+    let points = Exchange::new(|_: &RowUpdate| 0);
+    partials.binary_frontier(
+        rows,
+        Exchange::new(|_: &Moments| 0),
+        points,
+        "models",
+        move |_, _| {
+            let mut open: BTreeMap<Epoch, (Capability<Epoch>, Option<Moments>, Vec<EpochPoint>)> =
+                BTreeMap::new();
+            move |(partials, f1), (rows, f2), output| {
+                partials.for_each(|cap, data| {
+                    let Some(&t) = cap.least() else { return };
+                    let entry = open.entry(t).or_insert_with(|| {
+                        (cap.retain_least(0).expect("stamped"), None, Vec::new())
+                    });
+                    for partial in data.drain(..) {
+                        match &mut entry.1 {
+                            Some(sum) => sum.merge(&partial),
+                            none => *none = Some(partial),
+                        }
+                    }
+                });
+                rows.for_each(|cap, data| {
+                    let Some(&t) = cap.least() else { return };
+                    let entry = open.entry(t).or_insert_with(|| {
+                        (cap.retain_least(0).expect("stamped"), None, Vec::new())
+                    });
+                    entry.2.extend(
+                        data.drain(..)
+                            .map(|(row, _, diff)| (row.key, row.embedding, diff)),
+                    );
+                });
+                while let Some(entry) = open.first_entry() {
+                    let t = *entry.key();
+                    if f1.less_equal(&t) || f2.less_equal(&t) {
+                        break;
+                    }
+                    let (cap, partial, points) = entry.remove();
+                    let started = std::time::Instant::now();
+                    let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
+                    models.apply_epoch(&partial, points, &pca, &kmeans);
+                    tracing::debug!(
+                        stage = "stats",
+                        epoch = t,
+                        n = models.moments.n,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "Models updated."
+                    );
+                    output.session(&cap).give(models.clone());
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Incremental equals batch: stream synthetic embeddings through the real operators
+    //! on 1 and 4 workers, in shuffled orders and epoch splits, and compare the published
+    //! PCA with the batch twin.
+    use super::*;
+    use crate::record::{Embedding, ImageKey, ImageRow, Label};
+    use crate::stats::reference::{batch_pca, max_principal_angle};
+    use std::sync::{Arc, Mutex};
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Inspect, Probe};
+    use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+    const D: usize = 24;
+
+    /// Points with a clear spectrum: 5 strong latent directions plus small noise, all
+    /// within the ReLU6 range.
+    fn points(n: usize, seed: u64) -> Vec<ImageRow> {
+        let mut s = seed;
+        let mut rnd = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+        };
+        let basis: Vec<Vec<f64>> = (0..5).map(|_| (0..D).map(|_| rnd()).collect()).collect();
+        (0..n)
+            .map(|i| {
+                let z: Vec<f64> = (0..5).map(|j| rnd() * (5.0 - j as f64)).collect();
+                let x: Vec<f32> = (0..D)
+                    .map(|d| {
+                        (3.0 + (0..5).map(|j| z[j] * basis[j][d]).sum::<f64>() * 0.4 + rnd() * 0.05)
+                            as f32
+                    })
+                    .collect();
+                ImageRow {
+                    key: ImageKey(format!("L{}/{i:04}.jpg", i % 3)),
+                    label: Label(format!("L{}", i % 3)),
+                    embedding: Embedding::quantize(&x).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    /// Streams `epochs` (each a list of updates) through moments → models on `workers`
+    /// workers; returns the models published after the last epoch.
+    fn stream(workers: usize, epochs: Vec<Vec<(ImageRow, i64)>>) -> Models {
+        let result = Arc::new(Mutex::new(None));
+        let sink = result.clone();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let mut input = InputHandleVec::<Epoch, RowUpdate>::new();
+            let probe = ProbeHandle::new();
+            let sink = sink.clone();
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let rows = scope.input_from(&mut input);
+                let partials = moment_partials(rows.clone(), D);
+                models(
+                    partials,
+                    rows,
+                    Models::new(D),
+                    PcaConfig::default(),
+                    crate::stats::KMeansConfig {
+                        k: 3,
+                        ..Default::default()
+                    },
+                )
+                .inspect(move |m| *sink.lock().unwrap() = Some(m.clone()))
+                .probe_with(&probe);
+            });
+            for (t, epoch) in epochs.iter().enumerate() {
+                // Every worker feeds a different slice: arrival is spread as in a cluster.
+                for (i, (row, diff)) in epoch.iter().enumerate() {
+                    if i % peers == index {
+                        input.send((row.clone(), t as Epoch, *diff));
+                    }
+                }
+                input.advance_to(t as Epoch + 1);
+                while probe.less_than(input.time()) {
+                    worker.step();
+                }
+            }
+        })
+        .unwrap();
+        let models = result.lock().unwrap().take().expect("models published");
+        models
+    }
+
+    fn shuffled(mut rows: Vec<ImageRow>, seed: u64) -> Vec<ImageRow> {
+        let mut s = seed;
+        for i in (1..rows.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            rows.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        rows
+    }
+
+    fn assert_matches_batch(models: &Models, rows: &[ImageRow]) {
+        let pca = models.pca.as_ref().unwrap();
+        let data: Vec<Vec<f64>> = rows.iter().map(|r| r.embedding.to_f64()).collect();
+        let batch = batch_pca(&data, &PcaConfig::default());
+        assert_eq!(pca.k, batch.components.len());
+        for (a, b) in pca
+            .explained_variance_ratio
+            .iter()
+            .zip(&batch.explained_variance_ratio)
+            .take(pca.k)
+        {
+            assert!((a - b).abs() <= 1e-9 * b.abs(), "ratio {a} vs batch {b}");
+        }
+        for (a, b) in pca.scaler.std.iter().zip(&batch.std) {
+            assert!((a - b).abs() <= 1e-9 * b.abs(), "std {a} vs {b}");
+        }
+        let angle = max_principal_angle(&pca.components, &batch.components);
+        assert!(angle < 1e-6, "top-{} subspace off by {angle} rad", pca.k);
+    }
+
+    #[test]
+    fn incremental_pca_equals_batch_for_any_order_split_and_workers() {
+        let rows = points(300, 7);
+        let mut reference = None;
+        for (seed, workers, epoch_size) in [(1, 1, 300), (2, 1, 37), (3, 4, 50), (4, 4, 11)] {
+            let order = shuffled(rows.clone(), seed);
+            let epochs = order
+                .chunks(epoch_size)
+                .map(|c| c.iter().map(|r| (r.clone(), 1)).collect())
+                .collect();
+            let models = stream(workers, epochs);
+            assert_matches_batch(&models, &rows);
+            // Integer moments: bit-identical state whatever the order, split or workers.
+            match &reference {
+                None => reference = Some(models.moments.clone()),
+                Some(m) => assert_eq!(&models.moments, m),
+            }
+        }
+    }
+
+    #[test]
+    fn retractions_give_the_statistics_without_the_retracted() {
+        let rows = points(200, 11);
+        let mut epochs: Vec<Vec<(ImageRow, i64)>> =
+            vec![rows.iter().map(|r| (r.clone(), 1)).collect()];
+        epochs.push(rows[..60].iter().map(|r| (r.clone(), -1)).collect());
+        let models = stream(2, epochs);
+        assert_eq!(models.moments.n, 140);
+        assert_matches_batch(&models, &rows[60..]);
+    }
+
+    #[test]
+    fn kmeans_is_identical_across_worker_counts() {
+        let rows = points(240, 5);
+        let epochs = || {
+            rows.chunks(40)
+                .map(|c| c.iter().map(|r| (r.clone(), 1)).collect())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (stream(1, epochs()), stream(4, epochs()));
+        assert_eq!(a.kmeans, b.kmeans);
+        assert_eq!(a.kmeans.weights.iter().sum::<f64>(), 240.0);
+    }
+}

@@ -1,0 +1,172 @@
+//! Standardized PCA from exact moments: StandardScaler (mean, n-1 std) followed by PCA,
+//! as the Spark pipeline did, which is the eigendecomposition of the correlation matrix.
+//! The correlation is formed exactly in integers (`M = n·SS − s sᵀ`) and rounded once to
+//! f64; faer's self-adjoint eigensolver does the rest (~0.6 s at d = 1280 here against
+//! ~4 s for nalgebra's SymmetricEigen, on the path from new image to published model).
+
+use super::moments::Moments;
+use crate::record::FIXED_POINT_SHIFT;
+use faer::{Mat, Side};
+use serde::{Deserialize, Serialize};
+
+/// How many components to keep (`[stats]` in the config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PcaConfig {
+    /// Keep the fewest components whose explained variance reaches this fraction.
+    pub variance: f64,
+    /// Keep exactly this many components instead (overrides `variance`).
+    pub k: Option<usize>,
+}
+
+impl Default for PcaConfig {
+    fn default() -> Self {
+        PcaConfig {
+            variance: 0.95,
+            k: None,
+        }
+    }
+}
+
+/// StandardScaler state: per-dimension mean and sample std (std 0 maps features to 0,
+/// as Spark does).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scaler {
+    /// Per-dimension mean.
+    pub mean: Vec<f64>,
+    /// Per-dimension sample standard deviation (n-1).
+    pub std: Vec<f64>,
+}
+
+/// A fitted standardized PCA.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PcaModel {
+    /// Images the model was fitted on.
+    pub n: i64,
+    /// Components kept.
+    pub k: usize,
+    /// The scaler applied before projection.
+    pub scaler: Scaler,
+    /// Principal axes, `k` rows of dimension d, sign-fixed (largest |v_i| positive).
+    pub components: Vec<Vec<f64>>,
+    /// Eigenvalues of the correlation matrix, descending (all d of them).
+    pub eigenvalues: Vec<f64>,
+    /// Explained variance ratio of every component, descending (all d of them).
+    pub explained_variance_ratio: Vec<f64>,
+}
+
+impl PcaModel {
+    /// `V_kᵀ D⁻¹ (x − μ)`: the standardized projection of one embedding.
+    pub fn project(&self, x: &[f64]) -> Vec<f64> {
+        let z: Vec<f64> = x
+            .iter()
+            .zip(&self.scaler.mean)
+            .zip(&self.scaler.std)
+            .map(|((x, m), s)| if *s > 0.0 { (x - m) / s } else { 0.0 })
+            .collect();
+        self.components
+            .iter()
+            .map(|v| v.iter().zip(&z).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    /// Cumulative explained variance of the kept components.
+    pub fn explained_variance(&self) -> f64 {
+        self.explained_variance_ratio[..self.k].iter().sum()
+    }
+}
+
+/// Fits the model from exact moments; `None` below two images (no variance yet).
+pub fn fit(moments: &Moments, config: &PcaConfig) -> Option<PcaModel> {
+    let (d, n) = (moments.dim, moments.n);
+    if n < 2 {
+        return None;
+    }
+    let scale = (1u64 << FIXED_POINT_SHIFT) as f64;
+    // M_ij = n·SS_ij − s_i s_j = n(n−1)·cov_ij·2^40, exact in i128.
+    let centred = |i: usize, j: usize| -> i128 {
+        n as i128 * moments.ss[moments.packed(i, j)]
+            - moments.sum[i] as i128 * moments.sum[j] as i128
+    };
+    let diag: Vec<f64> = (0..d).map(|i| centred(i, i) as f64).collect();
+    let nn1 = n as f64 * (n - 1) as f64;
+    let scaler = Scaler {
+        mean: moments
+            .sum
+            .iter()
+            .map(|&s| s as f64 / n as f64 / scale)
+            .collect(),
+        std: diag.iter().map(|&m| (m / nn1).sqrt() / scale).collect(),
+    };
+    let mut corr = Mat::<f64>::zeros(d, d);
+    for i in 0..d {
+        for j in i..d {
+            let r = if diag[i] > 0.0 && diag[j] > 0.0 {
+                centred(i, j) as f64 / (diag[i] * diag[j]).sqrt()
+            } else {
+                0.0
+            };
+            corr[(i, j)] = r;
+            corr[(j, i)] = r;
+        }
+    }
+    let evd = corr.self_adjoint_eigen(Side::Lower).ok()?;
+    let (u, s) = (evd.U(), evd.S().column_vector());
+    // faer sorts ascending; PCA wants descending.
+    let order: Vec<usize> = (0..d).rev().collect();
+    let eigenvalues: Vec<f64> = order.iter().map(|&c| s[c].max(0.0)).collect();
+    let total: f64 = eigenvalues.iter().sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let ratios: Vec<f64> = eigenvalues.iter().map(|l| l / total).collect();
+    let k = choose_k(&ratios, config);
+    let components = order[..k]
+        .iter()
+        .map(|&c| {
+            let mut v: Vec<f64> = (0..d).map(|r| u[(r, c)]).collect();
+            fix_sign(&mut v);
+            v
+        })
+        .collect();
+    Some(PcaModel {
+        n,
+        k,
+        scaler,
+        components,
+        eigenvalues,
+        explained_variance_ratio: ratios,
+    })
+}
+
+/// The fixed k, or the fewest components reaching the target variance; at least 1.
+pub fn choose_k(ratios: &[f64], config: &PcaConfig) -> usize {
+    let positive = ratios.iter().filter(|&&r| r > 0.0).count().max(1);
+    if let Some(k) = config.k {
+        return k.clamp(1, positive);
+    }
+    let mut cumulative = 0.0;
+    for (i, r) in ratios.iter().enumerate() {
+        cumulative += r;
+        // The tolerance keeps a target met exactly (e.g. 1.0) from being missed by rounding.
+        if cumulative >= config.variance - 1e-12 {
+            return (i + 1).min(positive);
+        }
+    }
+    positive
+}
+
+/// Makes the entry of largest magnitude positive (sklearn's svd_flip), so signs are
+/// reproducible across solvers and runs.
+pub fn fix_sign(v: &mut [f64]) {
+    let (mut best, mut at) = (0.0f64, 0);
+    for (i, x) in v.iter().enumerate() {
+        if x.abs() > best {
+            best = x.abs();
+            at = i;
+        }
+    }
+    if v.get(at).is_some_and(|x| *x < 0.0) {
+        v.iter_mut().for_each(|x| *x = -*x);
+    }
+}

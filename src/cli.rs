@@ -1,0 +1,106 @@
+//! Command-line interface. `-w/-n/-p/-h` are timely's own flags (so `-h` is the
+//! hostfile and help is `--help` only).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// fruits-flow: embeddings, standardized PCA and online KMeans over a growing archive of
+/// fruit photos (Fruits-360 layout: <root>/<Label>/<image>.jpg), as a streaming
+/// timely/differential dataflow that never recomputes what it has already seen.
+#[derive(Parser, Debug)]
+#[command(
+    name = "fruits-flow",
+    version,
+    disable_help_flag = true,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help, global = true)]
+    pub help: Option<bool>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Ingest the archive: embed new images, update statistics, write outputs. Tails the
+    /// source for new folders and images until Ctrl-C, or stops after one pass with --once.
+    Run(RunArgs),
+    /// Write one consistent table (CSV and optionally Parquet) from stored embeddings and
+    /// the current models, without running the model.
+    Export(ExportArgs),
+    /// Print the state of an output: images, labels, errors, PCA and KMeans.
+    Status(StatusArgs),
+}
+
+/// Timely's cluster flags.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Worker threads per process.
+    #[arg(short = 'w', long = "workers")]
+    pub workers: Option<usize>,
+    /// Number of processes in the cluster.
+    #[arg(short = 'n', long = "processes", default_value_t = 1)]
+    pub processes: usize,
+    /// Index of this process (0..n-1).
+    #[arg(short = 'p', long = "process", default_value_t = 0)]
+    pub process: usize,
+    /// Hostfile: one host:port per line, line i is process i (timely's -h).
+    #[arg(short = 'h', long = "hostfile", conflicts_with = "cluster")]
+    pub hostfile: Option<PathBuf>,
+    /// cluster.toml: hosts and pipeline settings.
+    #[arg(long = "cluster")]
+    pub cluster: Option<PathBuf>,
+    /// Print timely's connection progress.
+    #[arg(long)]
+    pub report: bool,
+}
+
+/// Arguments of `run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Archive root: a directory with one folder per label.
+    #[arg(long, default_value = "tests/fixtures/fruits")]
+    pub source: String,
+    /// Output directory (created if needed; a restart on the same one resumes).
+    #[arg(long, default_value = "out")]
+    pub output: String,
+    /// Ingest what is present, finish the statistics, write the outputs and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Pipeline settings file (the stage sections of cluster.toml), when not using --cluster.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// ONNX model file (overrides [embed] model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Arguments of `export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Output directory of a run.
+    #[arg(long)]
+    pub output: String,
+    /// CSV file to write: path,label,cluster,pc1..pck.
+    #[arg(long)]
+    pub csv: PathBuf,
+    /// Parquet file to write: path,label,features,pca_features,cluster.
+    #[arg(long)]
+    pub parquet: Option<PathBuf>,
+}
+
+/// Arguments of `status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Output directory of a run.
+    #[arg(long)]
+    pub output: String,
+    /// Print one JSON object (the default is a short human summary).
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,74 @@
+//! `export` and `status`: read a run's output (checkpoint + stored embeddings) and write
+//! tables or a summary. No model runs here.
+
+use anyhow::{Context, Result};
+use fruits_dataflows::record::ImageKey;
+use fruits_dataflows::sink::parquet::{encode_export, ExportRow};
+use fruits_dataflows::sink::{self, models::status, OutputStore};
+use fruits_dataflows::state::{stored_rows, Checkpoint};
+use std::path::Path;
+
+fn load(output: &str) -> Result<(Box<dyn OutputStore>, Checkpoint)> {
+    let store = sink::open(output)?;
+    let checkpoint = Checkpoint::load(store.as_ref())?.with_context(|| {
+        format!("{output} holds no committed state; run `fruits-flow run --output {output}` first")
+    })?;
+    Ok((store, checkpoint))
+}
+
+/// The status object of an output.
+pub fn status_json(output: &str) -> Result<serde_json::Value> {
+    Ok(status(&load(output)?.1))
+}
+
+/// Writes the CSV (and optional Parquet) table of every live image.
+pub fn export(output: &str, csv_path: &Path, parquet_path: Option<&Path>) -> Result<usize> {
+    let (store, checkpoint) = load(output)?;
+    let root = format!("{}/", checkpoint.source);
+    let rows = stored_rows(
+        store.as_ref(),
+        &checkpoint,
+        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
+        |_| true,
+    )?;
+    let models = &checkpoint.models;
+    let pca = models
+        .pca
+        .as_ref()
+        .context("no PCA model yet: fewer than two images were ingested")?;
+    let exported: Vec<ExportRow> = rows
+        .iter()
+        .map(|(row, stored)| {
+            let x = row.embedding.to_f64();
+            ExportRow {
+                row: stored,
+                pca_features: pca.project(&x),
+                cluster: models.kmeans.assign(&x, pca),
+            }
+        })
+        .collect();
+    let mut csv = csv::Writer::from_path(csv_path)
+        .with_context(|| format!("creating {}", csv_path.display()))?;
+    let mut header = vec![
+        "path".to_string(),
+        "label".to_string(),
+        "cluster".to_string(),
+    ];
+    header.extend((1..=pca.k).map(|i| format!("pc{i}")));
+    csv.write_record(&header)?;
+    for r in &exported {
+        let mut record = vec![
+            r.row.path.clone(),
+            r.row.label.clone(),
+            r.cluster.map_or(String::new(), |c| c.to_string()),
+        ];
+        record.extend(r.pca_features.iter().map(|v| v.to_string()));
+        csv.write_record(&record)?;
+    }
+    csv.flush()?;
+    if let Some(path) = parquet_path {
+        std::fs::write(path, encode_export(&exported)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(exported.len())
+}

@@ -1,0 +1,15 @@
+//! The end-to-end test binary: each module runs the real `fruits-flow` binary with the
+//! real model on real Fruits-360 images (in-repo fixtures; ../shared when present).
+
+mod util;
+
+// The exported model: ImageNet classes and exactness against the numpy reference.
+mod model;
+// `run --once`, status, export (read back with pyarrow), incremental == batch.
+mod pipeline;
+// Same statistics at -w 1, -w 4 and 3 processes on loopback.
+mod cluster;
+// Exactly once across restarts; deletions retract.
+mod recovery;
+// Every kind of bad input is recorded, nothing else lost.
+mod bad_input;

@@ -1,0 +1,118 @@
+//! The exported EfficientNet-Lite0: ImageNet top-1 on fruit photos, and its embedding
+//! against the independent float64 numpy reference (models/reference.py).
+
+use crate::util::*;
+use fruits_dataflows::decode::{decode, DecodeConfig};
+use fruits_dataflows::embed::{EmbedConfig, Embedder};
+use std::path::Path;
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+fn images(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.truncate(n);
+    files
+}
+
+#[test]
+fn imagenet_top1_names_the_fruit() {
+    let config = EmbedConfig {
+        model: model(),
+        ..EmbedConfig::default()
+    };
+    let embedder =
+        Embedder::load_outputs(&config, &DecodeConfig::default(), &["embedding", "logits"])
+            .unwrap();
+    let (base, per_label) = match shared() {
+        Some(s) => (s.join("Test"), 30),
+        None => (root().join("tests/fixtures/imagenet"), 6),
+    };
+    let expected = [
+        ("Banana 1", 954),
+        ("Orange 1", 950),
+        ("Lemon 1", 951),
+        ("Pineapple 1", 953),
+        ("Strawberry 1", 949),
+    ];
+    let mut tensor = Vec::new();
+    for (label, class) in expected {
+        let files = images(&base.join(label), per_label);
+        let hits = files
+            .iter()
+            .filter(|f| {
+                let img = decode(&std::fs::read(f).unwrap(), &DecodeConfig::default()).unwrap();
+                embedder.preprocess().tensor_into(&img, &mut tensor);
+                argmax(&embedder.run_tensor(&tensor).unwrap()[1]) == class
+            })
+            .count();
+        eprintln!("{label}: {hits}/{} top-1 = {class}", files.len());
+        assert!(
+            hits * 5 >= files.len() * 3,
+            "{label}: only {hits}/{} predicted as class {class}",
+            files.len()
+        );
+    }
+}
+
+#[test]
+fn embedding_matches_the_float64_reference() {
+    let config = EmbedConfig {
+        model: model(),
+        ..EmbedConfig::default()
+    };
+    let embedder = Embedder::load(&config, &DecodeConfig::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        fixtures().join("Banana 1/0_100.jpg"),
+        fixtures().join("Kiwi 1/0_100.jpg"),
+    ];
+    let mut inputs = Vec::new();
+    let mut ours = Vec::new();
+    let mut tensor = Vec::new();
+    for f in &files {
+        let img = decode(&std::fs::read(f).unwrap(), &DecodeConfig::default()).unwrap();
+        embedder.preprocess().tensor_into(&img, &mut tensor);
+        inputs.extend(tensor.iter().flat_map(|v| v.to_le_bytes()));
+        ours.extend(embedder.run_tensor(&tensor).unwrap().remove(0));
+    }
+    let (input, output) = (dir.path().join("in.f32"), dir.path().join("out.f64"));
+    std::fs::write(&input, inputs).unwrap();
+    let status = std::process::Command::new("python3")
+        .arg(root().join("models/reference.py"))
+        .args([
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            output.to_str().unwrap(),
+        ])
+        .current_dir(root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "reference.py failed");
+    let reference: Vec<f64> = std::fs::read(&output)
+        .unwrap()
+        .chunks(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(reference.len(), ours.len());
+    let max = ours
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!("max |tract - reference| = {max:e}");
+    assert!(
+        max < 1e-4,
+        "tract embedding differs from the float64 reference by {max}"
+    );
+}

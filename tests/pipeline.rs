@@ -1,0 +1,169 @@
+//! `run --once` end to end on the fixture archive, and its outputs.
+
+use crate::util::*;
+use fruits_dataflows::stats::reference::{batch_pca, max_principal_angle};
+use fruits_dataflows::stats::PcaConfig;
+use std::process::Command;
+
+#[test]
+fn once_run_writes_models_status_and_readable_tables() {
+    let out = tempfile::tempdir().unwrap();
+    // Small epochs so the PCA is published several times and must come out as batch.
+    let config = out.path().join("pipeline.toml");
+    std::fs::write(&config, "[source]\nepoch_size = 7\n").unwrap();
+    run_once(
+        &fixtures(),
+        out.path(),
+        &["--config", config.to_str().unwrap(), "-w", "2"],
+    );
+
+    let status = status(out.path());
+    assert_eq!(status["images"], 40);
+    assert_eq!(status["errors"], 0);
+    assert_eq!(status["labels"]["Apple Golden 1"], 10);
+    assert_eq!(status["labels"].as_object().unwrap().len(), 4);
+    let k = status["pca"]["k"].as_u64().unwrap() as usize;
+    let ratios = status["pca"]["explained_variance_ratio"]
+        .as_array()
+        .unwrap();
+    assert_eq!(ratios.len(), k);
+    assert!(ratios.iter().map(|r| r.as_f64().unwrap()).sum::<f64>() >= 0.95 - 1e-9);
+    let counts: Vec<i64> = status["kmeans"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_i64().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 10);
+    assert_eq!(counts.iter().sum::<i64>(), 40);
+
+    // The PCA published after 6 epochs equals a batch PCA over the stored embeddings.
+    let csv = out.path().join("table.csv");
+    let parquet = out.path().join("table.parquet");
+    let export = bin()
+        .args([
+            "export",
+            "--output",
+            out.path().to_str().unwrap(),
+            "--csv",
+            csv.to_str().unwrap(),
+        ])
+        .args(["--parquet", parquet.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let rows = read_with_pyarrow(&out.path().join("embeddings"), &parquet, &csv, k);
+    let features: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| *v as f64).collect())
+        .collect();
+    let batch = batch_pca(&features, &PcaConfig::default());
+    let pca = read_json(&out.path().join("models/pca.json"));
+    let streamed: Vec<f64> = pca["explained_variance_ratio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (a, b) in streamed.iter().zip(&batch.explained_variance_ratio).take(k) {
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs(),
+            "streamed ratio {a} vs batch {b}"
+        );
+    }
+    let components: Vec<Vec<f64>> = pca["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    let angle = max_principal_angle(&components, &batch.components);
+    assert!(
+        angle < 1e-6,
+        "streamed and batch top-{k} subspaces differ by {angle} rad"
+    );
+}
+
+/// Reads every output table with pyarrow/pandas (real readers), checks their shapes, and
+/// returns the stored embeddings in path order.
+fn read_with_pyarrow(
+    dir: &std::path::Path,
+    export: &std::path::Path,
+    csv: &std::path::Path,
+    k: usize,
+) -> Vec<Vec<f32>> {
+    let script = r#"
+import sys, json, glob, pyarrow.parquet as pq, pandas as pd
+emb = pd.concat([pq.read_table(f).to_pandas() for f in sorted(glob.glob(sys.argv[1] + "/*.parquet"))])
+exp = pq.read_table(sys.argv[2]).to_pandas()
+csv = pd.read_csv(sys.argv[3])
+assert list(emb.columns) == ["path", "label", "features"], emb.columns
+assert list(exp.columns) == ["path", "label", "features", "pca_features", "cluster"], exp.columns
+assert len(csv.columns) == 3 + int(sys.argv[4]) and list(csv.columns[:4]) == ["path", "label", "cluster", "pc1"]
+assert len(emb) == len(exp) == len(csv), (len(emb), len(exp), len(csv))
+assert all(len(f) == 1280 for f in emb.features)
+assert set(exp.label) == set(csv.label)
+emb = emb.sort_values("path")
+print(json.dumps([list(map(float, f)) for f in emb.features]))
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            dir.to_str().unwrap(),
+            export.to_str().unwrap(),
+            csv.to_str().unwrap(),
+            &k.to_string(),
+        ])
+        .output()
+        .expect("python3 with pyarrow and pandas (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "pyarrow check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn missing_model_names_the_command_that_creates_it() {
+    let out = tempfile::tempdir().unwrap();
+    let result = bin()
+        .args([
+            "run",
+            "--once",
+            "--source",
+            fixtures().to_str().unwrap(),
+            "--output",
+            out.path().to_str().unwrap(),
+        ])
+        .args(["--model", "/nonexistent/model.onnx"])
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("/nonexistent/model.onnx") && err.contains("export_efficientnet_lite0.py"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_explains_timely_flags() {
+    let out = bin().args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--hostfile") && text.contains("--once") && text.contains("--workers"),
+        "{text}"
+    );
+}

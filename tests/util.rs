@@ -1,0 +1,147 @@
+//! Shared test helpers: run the real binary, build archives from fixtures, read outputs.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model() -> PathBuf {
+    let path = root().join("models/efficientnet_lite0.onnx");
+    assert!(
+        path.exists(),
+        "{} is missing: run `python3 models/export_efficientnet_lite0.py` first (README, setup)",
+        path.display()
+    );
+    path
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/fruits")
+}
+
+/// The shared Fruits-360 slice, if present beside the project.
+pub fn shared() -> Option<PathBuf> {
+    let p = root().join("../shared/fruits360");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping the shared-data part: ../shared/fruits360 is absent");
+        None
+    }
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fruits-flow"));
+    c.current_dir(root()).env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs `fruits-flow run --once` and asserts success.
+pub fn run_once(source: &Path, output: &Path, extra: &[&str]) -> Output {
+    let out = bin()
+        .arg("run")
+        .args([
+            "--source",
+            source.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--once",
+        ])
+        .args(["--model", model().to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn status(output: &Path) -> Value {
+    let out = bin()
+        .args(["status", "--json", "--output", output.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Copies the first `n` images of each fixture label into `dest` (same layout).
+pub fn copy_fixtures(dest: &Path, range: std::ops::Range<usize>) -> usize {
+    let mut copied = 0;
+    for label in std::fs::read_dir(fixtures()).unwrap() {
+        let label = label.unwrap().path();
+        let mut files: Vec<_> = std::fs::read_dir(&label)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let target = dest.join(label.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        for f in files.get(range.clone()).unwrap_or(&[]) {
+            std::fs::copy(f, target.join(f.file_name().unwrap())).unwrap();
+            copied += 1;
+        }
+    }
+    copied
+}
+
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// Asserts two runs published the same statistics: counts equal, explained variance
+/// ratios to 1e-9 relative, and the same top-k subspace (principal angles < 1e-6 rad).
+pub fn assert_same_statistics(a: &Path, b: &Path) {
+    let (sa, sb) = (status(a), status(b));
+    assert_eq!(sa["images"], sb["images"]);
+    assert_eq!(sa["labels"], sb["labels"]);
+    assert_eq!(sa["errors"], sb["errors"]);
+    assert_eq!(sa["pca"]["k"], sb["pca"]["k"]);
+    let (pa, pb) = (
+        read_json(&a.join("models/pca.json")),
+        read_json(&b.join("models/pca.json")),
+    );
+    let ra = pa["explained_variance_ratio"].as_array().unwrap();
+    let rb = pb["explained_variance_ratio"].as_array().unwrap();
+    for (x, y) in ra.iter().zip(rb) {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-9 * x.abs().max(1e-12),
+            "ratios differ: {x} vs {y}"
+        );
+    }
+    let comps = |p: &Value| -> Vec<Vec<f64>> {
+        p["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let angle = fruits_dataflows::stats::reference::max_principal_angle(&comps(&pa), &comps(&pb));
+    assert!(angle < 1e-6, "top-k subspaces differ by {angle} rad");
+    let (ka, kb) = (
+        read_json(&a.join("models/kmeans.json")),
+        read_json(&b.join("models/kmeans.json")),
+    );
+    assert_eq!(ka["counts"], kb["counts"], "KMeans counts differ");
+}
