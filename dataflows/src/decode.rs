@@ -80,6 +80,7 @@ pub fn decode(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeErr
             ))
         }
     }
+    check_jpeg_structure(bytes, config)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(config.max_dimension);
     limits.max_image_height = Some(config.max_dimension);
@@ -107,6 +108,70 @@ pub fn decode(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeErr
         ));
     }
     Ok(image.into_rgb8())
+}
+
+/// Checks the frame header before decoding (dimensions against the limit, so a huge
+/// image is rejected without allocating), and what the JPEG decoder forgives: the number of colour components in the frame
+/// header (it converts CMYK and YCCK to RGB silently), and a missing end-of-image marker
+/// (it pads truncated scans with gray).
+fn check_jpeg_structure(bytes: &[u8], config: &DecodeConfig) -> Result<(), DecodeError> {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return Err(fail(
+                ErrorKind::Corrupt,
+                format!("corrupt JPEG: no marker at byte {i}"),
+            ));
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        let is_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_frame && i + 9 < bytes.len() {
+            let h = u16::from_be_bytes([bytes[i + 5], bytes[i + 6]]) as u32;
+            let w = u16::from_be_bytes([bytes[i + 7], bytes[i + 8]]) as u32;
+            if w > config.max_dimension || h > config.max_dimension {
+                return Err(too_large(w, h, config));
+            }
+            match bytes.get(i + 9) {
+                Some(3) => {}
+                Some(1) => {
+                    return Err(fail(
+                        ErrorKind::ColorSpace,
+                        "grayscale JPEG; expected 3-channel RGB",
+                    ))
+                }
+                Some(4) => {
+                    return Err(fail(
+                        ErrorKind::ColorSpace,
+                        "CMYK JPEG; expected 3-channel RGB",
+                    ))
+                }
+                Some(n) => {
+                    return Err(fail(
+                        ErrorKind::ColorSpace,
+                        format!("JPEG with {n} components; expected 3 (RGB)"),
+                    ))
+                }
+                None => break,
+            }
+        }
+        if marker == 0xDA {
+            break; // start of scan: the header is over
+        }
+        i += 2 + len;
+    }
+    let tail = &bytes[bytes.len().saturating_sub(1024)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(fail(
+            ErrorKind::Corrupt,
+            "truncated JPEG: no end-of-image marker",
+        ));
+    }
+    Ok(())
 }
 
 fn too_large(w: u32, h: u32, config: &DecodeConfig) -> DecodeError {
