@@ -85,8 +85,9 @@ fn restart_counts_every_image_exactly_once() {
     let kiwi = source.path().join("Kiwi 1");
     std::fs::rename(&kiwi, source.path().join("Kiwi 2")).unwrap();
     // Renaming is a deletion of 8 + an addition of 8 under a new label.
-    std::thread::sleep(Duration::from_secs(3));
-    wait_for_images(&out, 32);
+    wait_for(&out, "the Kiwi 2 folder", |s| {
+        s["labels"]["Kiwi 2"] == 8 && s["labels"].get("Kiwi 1").is_none()
+    });
     stop(run);
 
     let s = status(&out);

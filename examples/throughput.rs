@@ -1,0 +1,54 @@
+//! Prints images/s of the decode+resize stage and of the embed stage alone (one thread,
+//! batch 1) over a Fruits-360 folder:
+//! `cargo run --release --example throughput -- ../shared/fruits360/Training [LIMIT]`.
+
+use fruits_dataflows::decode::{decode, DecodeConfig};
+use fruits_dataflows::embed::{EmbedConfig, Embedder};
+use fruits_dataflows::source::{LocalDir, Source};
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let root = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "tests/fixtures/fruits".into());
+    let limit: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    let source = LocalDir::open(&root)?;
+    let keys: Vec<_> = source
+        .list()?
+        .into_iter()
+        .take(limit)
+        .map(|o| o.key)
+        .collect();
+    let bytes: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| source.read(k))
+        .collect::<Result<_, _>>()?;
+    let embedder = Embedder::load(&EmbedConfig::default(), &DecodeConfig::default())?;
+
+    let started = Instant::now();
+    let mut tensors = Vec::new();
+    for b in &bytes {
+        let mut t = Vec::new();
+        embedder
+            .preprocess()
+            .tensor_into(&decode(b, &DecodeConfig::default())?, &mut t);
+        tensors.push(t);
+    }
+    let decode_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for t in &tensors {
+        embedder.run_tensor(t)?;
+    }
+    let embed_s = started.elapsed().as_secs_f64();
+    let n = bytes.len() as f64;
+    println!("images: {}", bytes.len());
+    println!("decode+resize: {:.1} images/s", n / decode_s);
+    println!(
+        "embed (tract, 1 thread, batch 1): {:.1} images/s",
+        n / embed_s
+    );
+    Ok(())
+}
