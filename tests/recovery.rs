@@ -32,22 +32,28 @@ fn tail(source: &std::path::Path, output: &std::path::Path) -> Child {
         .unwrap()
 }
 
-fn wait_for_images(output: &std::path::Path, n: i64) {
+/// Waits until the published status satisfies `done`.
+fn wait_for(output: &std::path::Path, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let current = std::fs::read(output.join("status.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|s| s["images"].as_i64());
-        if current == Some(n) {
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if current.as_ref().is_some_and(&done) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {n} images (at {current:?})"
+            "timed out waiting for {what} (status: {current:?})"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn wait_for_images(output: &std::path::Path, n: i64) {
+    wait_for(output, &format!("{n} images"), |s| {
+        s["images"].as_i64() == Some(n)
+    });
 }
 
 fn stop(mut child: Child) {
