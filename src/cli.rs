@@ -58,15 +58,38 @@ pub struct ClusterArgs {
     pub report: bool,
 }
 
+/// Where S3 lives (all also settable in `[s3]` and by AWS_* variables).
+#[derive(Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// Endpoint of an S3-compatible server (MinIO, Garage, Ceph); AWS_ENDPOINT_URL also works.
+    #[arg(long = "s3-endpoint", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Use path-style addressing (endpoint/bucket/key), as self-hosted servers need.
+    #[arg(long = "s3-path-style")]
+    pub path_style: bool,
+}
+
+impl S3Args {
+    /// Applies the flags over the file's `[s3]` section.
+    pub fn apply(&self, s3: &mut fruits_dataflows::io::S3Config) {
+        if let Some(e) = &self.endpoint {
+            s3.endpoint = Some(e.clone());
+        }
+        s3.path_style |= self.path_style;
+    }
+}
+
 /// Arguments of `run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Archive root: a directory with one folder per label.
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Archive root: a directory or s3://bucket/prefix with one folder per label.
     #[arg(long, default_value = "tests/fixtures/fruits")]
     pub source: String,
-    /// Output directory (created if needed; a restart on the same one resumes).
+    /// Output directory or s3://bucket/prefix (a restart on the same one resumes).
     #[arg(long, default_value = "out")]
     pub output: String,
     /// Ingest what is present, finish the statistics, write the outputs and exit.
@@ -83,7 +106,12 @@ pub struct RunArgs {
 /// Arguments of `export`.
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Output directory of a run.
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Settings file with an [s3] section.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output of a run (directory or s3://bucket/prefix).
     #[arg(long)]
     pub output: String,
     /// CSV file to write: path,label,cluster,pc1..pck.
@@ -97,7 +125,12 @@ pub struct ExportArgs {
 /// Arguments of `status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Output directory of a run.
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Settings file with an [s3] section.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output of a run (directory or s3://bucket/prefix).
     #[arg(long)]
     pub output: String,
     /// Print one JSON object (the default is a short human summary).

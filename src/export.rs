@@ -2,14 +2,15 @@
 //! tables or a summary. No model runs here.
 
 use anyhow::{Context, Result};
+use fruits_dataflows::io::S3Config;
 use fruits_dataflows::record::ImageKey;
 use fruits_dataflows::sink::parquet::{encode_export, ExportRow};
 use fruits_dataflows::sink::{self, models::status, OutputStore};
 use fruits_dataflows::state::{stored_rows, Checkpoint};
 use std::path::Path;
 
-fn load(output: &str) -> Result<(Box<dyn OutputStore>, Checkpoint)> {
-    let store = sink::open(output)?;
+fn load(output: &str, s3: &S3Config) -> Result<(Box<dyn OutputStore>, Checkpoint)> {
+    let store = sink::open(output, s3)?;
     let checkpoint = Checkpoint::load(store.as_ref())?.with_context(|| {
         format!("{output} holds no committed state; run `fruits-flow run --output {output}` first")
     })?;
@@ -17,13 +18,18 @@ fn load(output: &str) -> Result<(Box<dyn OutputStore>, Checkpoint)> {
 }
 
 /// The status object of an output.
-pub fn status_json(output: &str) -> Result<serde_json::Value> {
-    Ok(status(&load(output)?.1))
+pub fn status_json(output: &str, s3: &S3Config) -> Result<serde_json::Value> {
+    Ok(status(&load(output, s3)?.1))
 }
 
 /// Writes the CSV (and optional Parquet) table of every live image.
-pub fn export(output: &str, csv_path: &Path, parquet_path: Option<&Path>) -> Result<usize> {
-    let (store, checkpoint) = load(output)?;
+pub fn export(
+    output: &str,
+    s3: &S3Config,
+    csv_path: &Path,
+    parquet_path: Option<&Path>,
+) -> Result<usize> {
+    let (store, checkpoint) = load(output, s3)?;
     let root = format!("{}/", checkpoint.source);
     let rows = stored_rows(
         store.as_ref(),

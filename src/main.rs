@@ -30,12 +30,14 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => run(args),
         Command::Export(args) => {
-            let n = export::export(&args.output, &args.csv, args.parquet.as_deref())?;
+            let s3 = s3_config(args.config.as_deref(), &args.s3)?;
+            let n = export::export(&args.output, &s3, &args.csv, args.parquet.as_deref())?;
             eprintln!("Exported {n} rows to {}.", args.csv.display());
             Ok(())
         }
         Command::Status(args) => {
-            let status = export::status_json(&args.output)?;
+            let s3 = s3_config(args.config.as_deref(), &args.s3)?;
+            let status = export::status_json(&args.output, &s3)?;
             if args.json {
                 println!("{}", serde_json::to_string(&status)?);
             } else {
@@ -46,12 +48,25 @@ fn dispatch(command: Command) -> Result<()> {
     }
 }
 
+fn s3_config(
+    path: Option<&std::path::Path>,
+    flags: &cli::S3Args,
+) -> Result<fruits_dataflows::io::S3Config> {
+    let mut s3 = match path {
+        Some(p) => config::load(p)?.pipeline.s3,
+        None => Default::default(),
+    };
+    flags.apply(&mut s3);
+    Ok(s3)
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let file = match args.cluster.cluster.as_deref().or(args.config.as_deref()) {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
     let mut pipeline = file.pipeline.clone();
+    args.s3.apply(&mut pipeline.s3);
     if let Some(model) = &args.model {
         pipeline.embed.model = model.clone();
     }

@@ -13,3 +13,7 @@ mod cluster;
 mod recovery;
 // Every kind of bad input is recorded, nothing else lost.
 mod bad_input;
+// The same over a real S3 server: tailing, outage, credentials, three processes.
+mod s3;
+// kill -9 at random points, restart: every image exactly once.
+mod crash;

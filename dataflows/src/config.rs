@@ -39,6 +39,8 @@ pub struct PipelineConfig {
     pub pca: PcaConfig,
     /// `[kmeans]`: clustering.
     pub kmeans: KMeansConfig,
+    /// `[s3]`: endpoint and addressing for s3:// sources and outputs.
+    pub s3: crate::io::S3Config,
 }
 
 impl PipelineConfig {

@@ -40,12 +40,31 @@ pub struct RunOptions {
     pub pipeline: PipelineConfig,
 }
 
+/// Checks, before any worker starts, that the source and output are reachable with the
+/// configured credentials and belong together, so misconfiguration fails with one clear
+/// message instead of inside every worker.
+pub fn preflight(options: &RunOptions) -> Result<()> {
+    let source = crate::source::open(&options.source, &options.pipeline.s3)?;
+    source.check()?;
+    let store = crate::sink::open(&options.output, &options.pipeline.s3)?;
+    if let Some(checkpoint) = Checkpoint::load(store.as_ref())? {
+        anyhow::ensure!(
+            checkpoint.source == source.location(),
+            "output {} was built from source {}, not {}; use another --output",
+            store.location(),
+            checkpoint.source,
+            source.location()
+        );
+    }
+    Ok(())
+}
+
 /// Builds the dataflow on this worker and drives it until done.
 pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
     let config = &options.pipeline;
-    let source: Arc<dyn Source> = Arc::from(crate::source::open(&options.source)?);
-    let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output)?);
+    let source: Arc<dyn Source> = Arc::from(crate::source::open(&options.source, &config.s3)?);
+    let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output, &config.s3)?);
     let embedder = Embedder::load(&config.embed, &config.decode)?;
     let dim = embedder.dim()?;
     let checkpoint = resume(store.as_ref(), source.as_ref(), dim, index)?;

@@ -6,13 +6,15 @@
 //! - [`embed`]: tract-onnx CNN → fixed-point embeddings; retractions for deletions;
 //! - [`stats`]: exact moments → standardized PCA → online KMeans;
 //! - [`sink`]: Parquet rows, model JSON, error records, status;
-//! - [`state`]: per-epoch checkpoints and the commit point.
+//! - [`state`]: per-epoch checkpoints and the commit point;
+//! - [`io`]: S3 access shared by the S3 source and sink.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod decode;
 pub mod embed;
 pub mod ingest;
+pub mod io;
 pub mod record;
 pub mod sink;
 pub mod source;

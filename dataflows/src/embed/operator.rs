@@ -5,6 +5,7 @@
 use super::Embedder;
 use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
 use crate::source::Source;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
@@ -37,20 +38,31 @@ pub fn embed<'s>(
             input.for_each(|cap, data| {
                 let Some(&epoch) = cap.least() else { return };
                 let mut session = output.session(&cap);
-                for change in data.drain(..) {
-                    // Whatever the change, the previous version (if any) leaves.
-                    if let Some(old) = owned.remove(&change.key) {
-                        session.give(Outcome::Row((old, epoch, -1)));
-                    }
-                    if let ChangeKind::Upsert { .. } = change.kind {
-                        match embed_one(&change.key, source.as_ref(), &mut embedder) {
-                            Ok(row) => {
-                                owned.insert(row.key.clone(), row.clone());
-                                session.give(Outcome::Row((row, epoch, 1)));
-                            }
-                            Err((kind, reason)) => {
-                                tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
-                                session.give(Outcome::Error(ErrorRecord { key: change.key, kind, reason, epoch }));
+                // Fetch a chunk of objects at once (concurrently on object stores), then embed.
+                for chunk in data.chunks(FETCH_CHUNK) {
+                    let wanted: Vec<ImageKey> = chunk
+                        .iter()
+                        .filter(|c| matches!(c.kind, ChangeKind::Upsert { .. }) && c.key.label().is_ok())
+                        .map(|c| c.key.clone())
+                        .collect();
+                    let mut fetched: HashMap<ImageKey, anyhow::Result<Vec<u8>>> =
+                        wanted.iter().cloned().zip(source.read_many(&wanted)).collect();
+                    for change in chunk {
+                        // Whatever the change, the previous version (if any) leaves.
+                        if let Some(old) = owned.remove(&change.key) {
+                            session.give(Outcome::Row((old, epoch, -1)));
+                        }
+                        if let ChangeKind::Upsert { .. } = change.kind {
+                            match embed_one(&change.key, fetched.remove(&change.key), &mut embedder) {
+                                Ok(row) => {
+                                    owned.insert(row.key.clone(), row.clone());
+                                    session.give(Outcome::Row((row, epoch, 1)));
+                                }
+                                Err((kind, reason)) => {
+                                    tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
+                                    let key = change.key.clone();
+                                    session.give(Outcome::Error(ErrorRecord { key, kind, reason, epoch }));
+                                }
                             }
                         }
                     }
@@ -60,14 +72,18 @@ pub fn embed<'s>(
     })
 }
 
+/// Objects fetched together before embedding: enough to hide S3 latency, few enough to
+/// keep memory flat whatever the epoch size.
+const FETCH_CHUNK: usize = 64;
+
 fn embed_one(
     key: &ImageKey,
-    source: &dyn Source,
+    bytes: Option<anyhow::Result<Vec<u8>>>,
     embedder: &mut Embedder,
 ) -> Result<ImageRow, (ErrorKind, String)> {
     let label = key.label().map_err(|reason| (ErrorKind::Layout, reason))?;
-    let bytes = source
-        .read(key)
+    let bytes = bytes
+        .unwrap_or_else(|| Err(anyhow::anyhow!("not fetched")))
         .map_err(|e| (ErrorKind::Read, format!("{e:#}")))?;
     let embedding = embedder
         .embed_bytes(&bytes)

@@ -7,6 +7,7 @@ pub mod local;
 pub mod models;
 pub mod operator;
 pub mod parquet;
+pub mod s3;
 
 use anyhow::Result;
 
@@ -26,10 +27,10 @@ pub trait OutputStore: Send + Sync {
     fn delete(&self, name: &str) -> Result<()>;
 }
 
-/// Opens the output location (a local directory, created if needed).
-pub fn open(location: &str) -> Result<Box<dyn OutputStore>> {
+/// Opens the output location: `s3://bucket/prefix`, or a local directory (created).
+pub fn open(location: &str, s3: &crate::io::S3Config) -> Result<Box<dyn OutputStore>> {
     if location.starts_with("s3://") {
-        anyhow::bail!("S3 outputs are not supported yet: {location}");
+        return Ok(Box::new(s3::S3Store::open(location, s3)?));
     }
     Ok(Box::new(LocalStore::open(location)?))
 }

@@ -4,6 +4,7 @@
 
 pub mod ledger;
 pub mod local;
+pub mod s3;
 
 use crate::record::ImageKey;
 use anyhow::Result;
@@ -31,6 +32,15 @@ pub trait Source: Send + Sync {
     fn list(&self) -> Result<Vec<ListedObject>>;
     /// The bytes of one object.
     fn read(&self, key: &ImageKey) -> Result<Vec<u8>>;
+    /// The bytes of several objects, in order (object stores fetch them concurrently).
+    fn read_many(&self, keys: &[ImageKey]) -> Vec<Result<Vec<u8>>> {
+        keys.iter().map(|k| self.read(k)).collect()
+    }
+    /// Fails fast with a clear message when the archive is unreachable or refuses the
+    /// credentials (a listing while running would only log and retry).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// The full path or URL of a key, as written in output rows.
     fn path_of(&self, key: &ImageKey) -> String;
     /// The key of a path written by [`Source::path_of`], if it lies under this source.
@@ -41,10 +51,10 @@ pub trait Source: Send + Sync {
     }
 }
 
-/// Opens the source named by `location` (a local directory for now).
-pub fn open(location: &str) -> Result<Box<dyn Source>> {
+/// Opens the source named by `location`: `s3://bucket/prefix` or a local directory.
+pub fn open(location: &str, s3: &crate::io::S3Config) -> Result<Box<dyn Source>> {
     if location.starts_with("s3://") {
-        anyhow::bail!("S3 sources are not supported yet: {location}");
+        return Ok(Box::new(s3::S3Dir::open(location, s3)?));
     }
     Ok(Box::new(LocalDir::open(location)?))
 }

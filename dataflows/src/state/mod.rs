@@ -113,6 +113,19 @@ impl Checkpoint {
     pub fn commit(&self, store: &dyn OutputStore) -> Result<()> {
         let name = format!("state/checkpoint-{:012}.bin", self.epoch);
         store.put(&name, &bincode::serialize(self)?)?;
+        // Fault injection for the crash tests: die between the checkpoint and its pointer.
+        if std::env::var("FRUITS_FLOW_ABORT_IN_COMMIT")
+            .ok()
+            .and_then(|e| e.parse().ok())
+            == Some(self.epoch)
+        {
+            tracing::error!(
+                stage = "state",
+                epoch = self.epoch,
+                "Aborting inside the commit (FRUITS_FLOW_ABORT_IN_COMMIT)."
+            );
+            std::process::abort();
+        }
         store.put(POINTER, name.as_bytes())?;
         let all = store.list("state/")?;
         let old: Vec<_> = all
