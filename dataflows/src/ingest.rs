@@ -8,12 +8,12 @@ use crate::embed::operator::{embed, Outcome, RowUpdate};
 use crate::embed::Embedder;
 use crate::record::{Change, Epoch, ImageKey};
 use crate::sink::{operator::parquet, OutputStore};
-use crate::source::{Ledger, Source};
+use crate::source::{Ledger, ListedObject, Source};
 use crate::state::operator::{commit, CommitItem};
 use crate::state::{discard_uncommitted, stored_rows, Checkpoint};
 use crate::stats::operator::{models, moment_partials};
 use anyhow::{Context, Result};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::vec::{Broadcast, Map};
-use timely::dataflow::operators::{Concatenate, Inspect, Probe};
+use timely::dataflow::operators::{Concatenate, Exchange, Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
@@ -118,17 +118,53 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             .inspect(move |_| finished.set(true));
     });
 
+    // Listing rounds: every worker lists the label folders it owns; the listings meet at
+    // worker 0, which diffs them against the ledger and cuts the epochs (so epochs do not
+    // depend on the worker count).
+    let mut listed_in = InputHandleVec::<u64, Listed>::new();
+    let listed = ProbeHandle::new();
+    let gathered = Rc::new(RefCell::new(Vec::new()));
+    worker.dataflow::<u64, _, _>(|scope| {
+        let sink = gathered.clone();
+        scope
+            .input_from(&mut listed_in)
+            .exchange(|_| 0)
+            .inspect(move |l: &Listed| sink.borrow_mut().push(l.clone()))
+            .probe_with(&listed);
+    });
+
     let mut epoch = checkpoint.epoch + 1;
     changes_in.advance_to(epoch);
     finish_in.advance_to(epoch);
     let mut lister = (index == 0).then(|| Lister::new(checkpoint.source_ledger(), options));
     let poll = Duration::from_millis(config.source.poll_interval_ms);
+    let mut round = 0u64;
     loop {
-        let mut idle = false;
+        // 1. A listing round (every round when tailing, the first only with --once).
+        let due = !options.once || round == 0;
+        if due {
+            match source.list_share(index, peers) {
+                Ok(objects) => objects
+                    .into_iter()
+                    .for_each(|o| listed_in.send(Listed::Object(o))),
+                Err(e) => {
+                    tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying next round.");
+                    listed_in.send(Listed::Failed);
+                }
+            }
+        }
+        round += 1;
+        listed_in.advance_to(round);
+        while listed.less_than(&round) {
+            worker.step_or_park(Some(Duration::from_millis(100)));
+        }
+        let listing = gathered.borrow_mut().drain(..).collect::<Vec<_>>();
+        // 2. Worker 0 cuts the next epoch and says when to stop.
         if let Some(lister) = lister.as_mut() {
-            let batch = lister.next_epoch(source.as_ref(), config.source.epoch_size);
-            idle = batch.is_empty();
-            for change in batch {
+            if due {
+                lister.offer(listing);
+            }
+            for change in lister.next_epoch(config.source.epoch_size) {
                 changes_in.send(change);
             }
             if lister.done(options) {
@@ -138,14 +174,15 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         epoch += 1;
         changes_in.advance_to(epoch);
         finish_in.advance_to(epoch);
-        // At most two epochs in flight: the next one embeds while this one commits.
+        // 3. At most two epochs in flight: the next one embeds while this one commits.
         while committed.less_than(&(epoch - 1)) {
             worker.step_or_park(Some(Duration::from_millis(100)));
         }
-        if finished.get() {
+        if finished.get() || committed.done() {
             break;
         }
-        if idle && !options.once {
+        // 4. Tailing: wait for the next poll, still working on what is in flight.
+        if !options.once {
             let until = Instant::now() + poll;
             while Instant::now() < until && !options.stop.load(Ordering::Relaxed) {
                 worker.step_or_park(Some(
@@ -158,8 +195,18 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     }
     drop(changes_in);
     drop(finish_in);
+    drop(listed_in);
     while worker.step_or_park(Some(Duration::from_millis(100))) {}
     Ok(())
+}
+
+/// One worker's contribution to a listing round.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+enum Listed {
+    /// An object in a folder this worker owns.
+    Object(ListedObject),
+    /// This worker's listing failed: the round must not be diffed (it would delete).
+    Failed,
 }
 
 /// Loads the last checkpoint (or starts empty) and checks it belongs to this source and
@@ -224,9 +271,9 @@ fn restore_owned(
         .collect())
 }
 
-/// Worker 0's view of the archive: lists it, diffs against the ledger, and hands out
-/// the changes an epoch at a time. In `--once` mode it lists once; tailing, it lists
-/// again whenever its queue is empty.
+/// Worker 0's view of the archive: diffs complete listings against the ledger and hands
+/// out the changes an epoch at a time. With `--once` it takes one listing; tailing, it
+/// takes a new one whenever its queue is empty.
 struct Lister {
     ledger: Ledger,
     queue: VecDeque<Change>,
@@ -244,28 +291,33 @@ impl Lister {
         }
     }
 
-    fn next_epoch(&mut self, source: &dyn Source, epoch_size: usize) -> Vec<Change> {
-        if self.queue.is_empty() && !(self.once && self.listed) {
-            match source.list() {
-                Ok(listing) => {
-                    let changes = self.ledger.diff(&listing);
-                    if !changes.is_empty() {
-                        tracing::info!(
-                            stage = "source",
-                            changes = changes.len(),
-                            objects = listing.len(),
-                            "Archive listed."
-                        );
-                    }
-                    self.queue.extend(changes);
-                    self.listed = true;
-                }
-                // A failed listing is retried at the next poll; nothing is lost.
-                Err(e) => {
-                    tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying.")
-                }
+    /// Takes a round's listings, unless one failed or the queue still holds work.
+    fn offer(&mut self, round: Vec<Listed>) {
+        if !self.queue.is_empty() || (self.once && self.listed) {
+            return;
+        }
+        let mut listing = Vec::with_capacity(round.len());
+        for item in round {
+            match item {
+                Listed::Object(o) => listing.push(o),
+                Listed::Failed => return,
             }
         }
+        listing.sort();
+        let changes = self.ledger.diff(&listing);
+        if !changes.is_empty() {
+            tracing::info!(
+                stage = "source",
+                changes = changes.len(),
+                objects = listing.len(),
+                "Archive listed."
+            );
+        }
+        self.queue.extend(changes);
+        self.listed = true;
+    }
+
+    fn next_epoch(&mut self, epoch_size: usize) -> Vec<Change> {
         let n = epoch_size.min(self.queue.len());
         self.queue.drain(..n).collect()
     }

@@ -30,6 +30,25 @@ impl LocalDir {
     }
 
     fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<ListedObject>) -> Result<()> {
+        let mut level = Vec::new();
+        self.walk_level(dir, prefix, &mut level)?;
+        for (entry, is_dir) in level {
+            if is_dir {
+                self.walk(&self.root.join(&entry.key.0), &entry.key.0, out)?;
+            } else {
+                out.push(entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of one directory, each flagged as folder or file.
+    fn walk_level(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        out: &mut Vec<(ListedObject, bool)>,
+    ) -> Result<()> {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             // A folder deleted while we list it is simply gone.
@@ -50,17 +69,27 @@ impl LocalDir {
                 format!("{prefix}/{name}")
             };
             if meta.is_dir() {
-                self.walk(&entry.path(), &key, out)?;
+                out.push((
+                    ListedObject {
+                        key: ImageKey(key),
+                        version: String::new(),
+                    },
+                    true,
+                ));
             } else if meta.is_file() {
                 let mtime = meta
                     .modified()
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_nanos());
-                out.push(ListedObject {
-                    key: ImageKey(key),
-                    version: format!("{}-{}", meta.len(), mtime),
-                });
+                let version = format!("{}-{}", meta.len(), mtime);
+                out.push((
+                    ListedObject {
+                        key: ImageKey(key),
+                        version,
+                    },
+                    false,
+                ));
             }
         }
         Ok(())
@@ -72,9 +101,25 @@ impl Source for LocalDir {
         self.root.display().to_string()
     }
 
-    fn list(&self) -> Result<Vec<ListedObject>> {
+    fn list_top(&self) -> Result<(Vec<String>, Vec<ListedObject>)> {
+        let mut all = Vec::new();
+        self.walk_level(&self.root, "", &mut all)?;
+        let (mut folders, mut files) = (Vec::new(), Vec::new());
+        for (entry, is_dir) in all {
+            if is_dir {
+                folders.push(entry.key.0);
+            } else {
+                files.push(entry);
+            }
+        }
+        folders.sort();
+        files.sort();
+        Ok((folders, files))
+    }
+
+    fn list_folder(&self, folder: &str) -> Result<Vec<ListedObject>> {
         let mut out = Vec::new();
-        self.walk(&self.root, "", &mut out)?;
+        self.walk(&self.root.join(folder), folder, &mut out)?;
         out.sort();
         Ok(out)
     }
@@ -104,6 +149,26 @@ mod tests {
         let keys: Vec<_> = src.list().unwrap().into_iter().map(|o| o.key.0).collect();
         assert_eq!(keys, vec!["Apple Golden 1/a b.jpg", "loose.jpg"]);
         assert_eq!(src.read(&ImageKey("loose.jpg".into())).unwrap(), b"xy");
+    }
+
+    #[test]
+    fn listing_shares_partition_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        for label in ["A 1", "B 2", "C 3", "D 4", "E 5"] {
+            std::fs::create_dir_all(dir.path().join(label)).unwrap();
+            std::fs::write(dir.path().join(label).join("x.jpg"), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("loose.jpg"), b"x").unwrap();
+        let src = LocalDir::open(dir.path()).unwrap();
+        let full = src.list().unwrap();
+        assert_eq!(full.len(), 6);
+        for peers in [2, 3] {
+            let mut union: Vec<_> = (0..peers)
+                .flat_map(|i| src.list_share(i, peers).unwrap())
+                .collect();
+            union.sort();
+            assert_eq!(union, full, "shares of {peers} workers are not a partition");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub use ledger::Ledger;
 pub use local::LocalDir;
 
 /// One object seen by a listing.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ListedObject {
     /// Its key relative to the source root.
     pub key: ImageKey,
@@ -28,8 +28,26 @@ pub struct ListedObject {
 pub trait Source: Send + Sync {
     /// A human-readable location (`/data/fruits`, `s3://bucket/prefix`), no secrets.
     fn location(&self) -> String;
-    /// Every object under the root, sorted by key. Hidden files are skipped.
-    fn list(&self) -> Result<Vec<ListedObject>>;
+    /// The label folders under the root (names, no slashes) and the files lying directly
+    /// in the root (which are layout errors). Hidden entries are skipped.
+    fn list_top(&self) -> Result<(Vec<String>, Vec<ListedObject>)>;
+    /// Every object in one label folder (all pages). Hidden files are skipped.
+    fn list_folder(&self, folder: &str) -> Result<Vec<ListedObject>>;
+    /// Every object under the root, sorted by key.
+    fn list(&self) -> Result<Vec<ListedObject>> {
+        self.list_share(0, 1)
+    }
+    /// This worker's share of a listing: the folders it owns (by stable hash of the folder
+    /// name), plus the root's loose files on worker 0. Sorted by key.
+    fn list_share(&self, index: usize, peers: usize) -> Result<Vec<ListedObject>> {
+        let (folders, files) = self.list_top()?;
+        let mut out = if index == 0 { files } else { Vec::new() };
+        for folder in folders.iter().filter(|f| folder_owner(f, peers) == index) {
+            out.extend(self.list_folder(folder)?);
+        }
+        out.sort();
+        Ok(out)
+    }
     /// The bytes of one object.
     fn read(&self, key: &ImageKey) -> Result<Vec<u8>>;
     /// The bytes of several objects, in order (object stores fetch them concurrently).
@@ -49,6 +67,11 @@ pub trait Source: Send + Sync {
         let rest = path.strip_prefix(root.as_str())?.strip_prefix('/')?;
         Some(ImageKey(rest.to_string()))
     }
+}
+
+/// The worker that lists a label folder: listing is spread over workers like fetching.
+pub fn folder_owner(folder: &str, peers: usize) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(folder.as_bytes()) % peers as u64) as usize
 }
 
 /// Opens the source named by `location`: `s3://bucket/prefix` or a local directory.

@@ -6,7 +6,7 @@ use super::{ListedObject, Source};
 use crate::io::s3::{S3Client, S3Config, S3Error, S3Location};
 use crate::record::ImageKey;
 use anyhow::Result;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use std::sync::Arc;
 
 /// Concurrent GETs: one-at-a-time fetches cost ~30 ms each on the servers measured.
@@ -103,22 +103,24 @@ impl Source for S3Dir {
         self.location.url()
     }
 
-    fn list(&self) -> Result<Vec<ListedObject>> {
-        self.client.block_on(async {
-            let (mut all, folders) = self.list_prefix(&self.root(), true).await?;
-            let per_folder: Vec<Vec<ListedObject>> = stream::iter(folders)
-                .map(|f| async move {
-                    self.list_prefix(&f, false)
-                        .await
-                        .map(|(objects, _)| objects)
-                })
-                .buffer_unordered(8)
-                .try_collect()
-                .await?;
-            all.extend(per_folder.into_iter().flatten());
-            all.sort();
-            Ok(all)
-        })
+    fn list_top(&self) -> Result<(Vec<String>, Vec<ListedObject>)> {
+        let root = self.root();
+        let (files, prefixes) = self.client.block_on(self.list_prefix(&root, true))?;
+        let folders = prefixes
+            .iter()
+            .filter_map(|p| {
+                p.strip_prefix(root.as_str())?
+                    .strip_suffix('/')
+                    .map(String::from)
+            })
+            .filter(|f| !f.is_empty() && !f.starts_with('.'))
+            .collect();
+        Ok((folders, files))
+    }
+
+    fn list_folder(&self, folder: &str) -> Result<Vec<ListedObject>> {
+        let prefix = format!("{}{folder}/", self.root());
+        Ok(self.client.block_on(self.list_prefix(&prefix, false))?.0)
     }
 
     fn check(&self) -> Result<()> {
