@@ -11,23 +11,8 @@ fn command(
     output: &std::path::Path,
     config: &std::path::Path,
 ) -> Command {
-    let mut c = bin();
-    c.arg("run")
-        .args([
-            "--once",
-            "--source",
-            source.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ])
-        .args([
-            "--model",
-            model().to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "-w",
-            "2",
-        ])
+    let mut c = run_command(source.to_str().unwrap(), output.to_str().unwrap(), true);
+    c.args(["--config", config.to_str().unwrap(), "-w", "2"])
         .stderr(Stdio::null());
     c
 }

@@ -2,31 +2,14 @@
 
 use crate::util::*;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 fn tail(source: &std::path::Path, output: &std::path::Path) -> Child {
-    let config = output.with_extension("toml");
-    std::fs::write(
-        &config,
-        "[source]\npoll_interval_ms = 200\nepoch_size = 16\n",
-    )
-    .unwrap();
-    bin()
-        .arg("run")
-        .args([
-            "--source",
-            source.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ])
-        .args([
-            "--model",
-            model().to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "-w",
-            "2",
-        ])
+    let config = tail_config(&output.with_extension("toml"), 200, 16)
+        .to_str()
+        .unwrap()
+        .to_string();
+    run_command(source.to_str().unwrap(), output.to_str().unwrap(), false)
+        .args(["--config", &config, "-w", "2"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
@@ -34,20 +17,12 @@ fn tail(source: &std::path::Path, output: &std::path::Path) -> Child {
 
 /// Waits until the published status satisfies `done`.
 fn wait_for(output: &std::path::Path, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let current = std::fs::read(output.join("status.json"))
+    let read = || {
+        std::fs::read(output.join("status.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        if current.as_ref().is_some_and(&done) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what} (status: {current:?})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
+    wait_until(what, read, done);
 }
 
 fn wait_for_images(output: &std::path::Path, n: i64) {

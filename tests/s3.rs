@@ -130,48 +130,36 @@ impl Server {
         n
     }
 
-    /// `fruits-flow <args>` pointed at this server.
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = bin();
-        c.args(args)
-            .args(["--s3-endpoint", &self.endpoint(), "--s3-path-style"]);
+    /// Points a `fruits-flow` command at this server, with the test credentials.
+    pub fn with_s3(&self, mut c: Command) -> Command {
+        c.args(["--s3-endpoint", &self.endpoint(), "--s3-path-style"]);
         c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
             .env("AWS_REGION", "us-east-1");
         c
     }
 
+    /// `fruits-flow <args>` pointed at this server.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = bin();
+        c.args(args);
+        self.with_s3(c)
+    }
+
+    /// `fruits-flow run` over S3 (`--once` if asked).
+    pub fn run(&self, source: &str, output: &str, once: bool) -> Command {
+        self.with_s3(run_command(source, output, once))
+    }
+
     pub fn run_once(&self, source: &str, output: &str, extra: &[&str]) -> String {
-        let out = self
-            .command(&[
-                "run",
-                "--once",
-                "--source",
-                source,
-                "--output",
-                output,
-                "--model",
-                model().to_str().unwrap(),
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = self.run(source, output, true).args(extra).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "run failed: {stderr}");
         stderr
     }
 
     pub fn status(&self, output: &str) -> serde_json::Value {
-        let out = self
-            .command(&["status", "--json", "--output", output])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        status_of(&mut self.command(&["status", "--json", "--output", output]))
     }
 }
 
@@ -187,43 +175,25 @@ fn wait_status(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(120);
     let store = S3Store::open(output, &server.config()).unwrap();
-    loop {
-        let status = store
+    let read = || {
+        store
             .get("status.json")
             .ok()
             .flatten()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if status.as_ref().is_some_and(&done) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {status:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
+    wait_until(what, read, done);
 }
 
 fn tail(server: &Server, source: &str, output: &str, log: &Path) -> Child {
-    let config = log.with_extension("toml");
-    std::fs::write(
-        &config,
-        "[source]\npoll_interval_ms = 300\nepoch_size = 16\n",
-    )
-    .unwrap();
+    let config = tail_config(&log.with_extension("toml"), 300, 16)
+        .to_str()
+        .unwrap()
+        .to_string();
     server
-        .command(&[
-            "run",
-            "--source",
-            source,
-            "--output",
-            output,
-            "--model",
-            model().to_str().unwrap(),
-        ])
-        .args(["--config", config.to_str().unwrap(), "-w", "2"])
+        .run(source, output, false)
+        .args(["--config", &config, "-w", "2"])
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
@@ -296,15 +266,7 @@ fn wrong_secret_key_is_a_clear_authentication_error() {
     let server = Server::start();
     server.upload_fixtures("archive", 0..1);
     let out = server
-        .command(&[
-            "run",
-            "--once",
-            "--source",
-            "s3://fruit/archive",
-            "--output",
-            "s3://fruit/out",
-        ])
-        .args(["--model", model().to_str().unwrap()])
+        .run("s3://fruit/archive", "s3://fruit/out", true)
         .env("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
         .env("RUST_LOG", "debug")
         .output()
@@ -378,24 +340,8 @@ fn three_processes_over_s3_equal_one() {
     let children: Vec<_> = (0..3)
         .map(|p| {
             server
-                .command(&[
-                    "run",
-                    "--once",
-                    "--source",
-                    "s3://fruit/archive",
-                    "--output",
-                    "s3://fruit/three",
-                ])
-                .args([
-                    "--model",
-                    model().to_str().unwrap(),
-                    "--config",
-                    cfg,
-                    "-w",
-                    "2",
-                    "-n",
-                    "3",
-                ])
+                .run("s3://fruit/archive", "s3://fruit/three", true)
+                .args(["--config", cfg, "-w", "2", "-n", "3"])
                 .args(["-p", &p.to_string(), "-h", hosts.to_str().unwrap()])
                 .stderr(Stdio::piped())
                 .spawn()

@@ -39,18 +39,26 @@ pub fn bin() -> Command {
     c
 }
 
+/// `fruits-flow run` over `source` into `output` with the test model (`--once` if asked).
+pub fn run_command(source: &str, output: &str, once: bool) -> Command {
+    let mut c = bin();
+    c.arg("run").args([
+        "--source",
+        source,
+        "--output",
+        output,
+        "--model",
+        model().to_str().unwrap(),
+    ]);
+    if once {
+        c.arg("--once");
+    }
+    c
+}
+
 /// Runs `fruits-flow run --once` and asserts success.
 pub fn run_once(source: &Path, output: &Path, extra: &[&str]) -> Output {
-    let out = bin()
-        .arg("run")
-        .args([
-            "--source",
-            source.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--once",
-        ])
-        .args(["--model", model().to_str().unwrap()])
+    let out = run_command(source.to_str().unwrap(), output.to_str().unwrap(), true)
         .args(extra)
         .output()
         .unwrap();
@@ -63,10 +71,12 @@ pub fn run_once(source: &Path, output: &Path, extra: &[&str]) -> Output {
 }
 
 pub fn status(output: &Path) -> Value {
-    let out = bin()
-        .args(["status", "--json", "--output", output.to_str().unwrap()])
-        .output()
-        .unwrap();
+    status_of(bin().args(["status", "--json", "--output", output.to_str().unwrap()]))
+}
+
+/// Runs a `status --json` command and parses what it prints.
+pub fn status_of(command: &mut Command) -> Value {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "status failed: {}",
@@ -93,6 +103,32 @@ pub fn copy_fixtures(dest: &Path, range: std::ops::Range<usize>) -> usize {
         }
     }
     copied
+}
+
+/// Polls `read` until the status it returns satisfies `done` (two minutes at most).
+pub fn wait_until(what: &str, read: impl Fn() -> Option<Value>, done: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let current = read();
+        if current.as_ref().is_some_and(&done) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what} (status: {current:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Writes a settings file for a tailing run.
+pub fn tail_config(path: &Path, poll_ms: u64, epoch_size: usize) -> &Path {
+    std::fs::write(
+        path,
+        format!("[source]\npoll_interval_ms = {poll_ms}\nepoch_size = {epoch_size}\n"),
+    )
+    .unwrap();
+    path
 }
 
 pub fn read_json(path: &Path) -> Value {

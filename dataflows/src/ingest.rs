@@ -47,15 +47,25 @@ pub fn preflight(options: &RunOptions) -> Result<()> {
     let source = crate::source::open(&options.source, &options.pipeline.s3)?;
     source.check()?;
     let store = crate::sink::open(&options.output, &options.pipeline.s3)?;
-    if let Some(checkpoint) = Checkpoint::load(store.as_ref())? {
-        anyhow::ensure!(
-            checkpoint.source == source.location(),
-            "output {} was built from source {}, not {}; use another --output",
-            store.location(),
-            checkpoint.source,
-            source.location()
-        );
+    match Checkpoint::load(store.as_ref())? {
+        Some(checkpoint) => same_source(&checkpoint, source.as_ref(), store.as_ref()),
+        None => Ok(()),
     }
+}
+
+/// An output belongs to the source it was built from.
+fn same_source(
+    checkpoint: &Checkpoint,
+    source: &dyn Source,
+    store: &dyn OutputStore,
+) -> Result<()> {
+    anyhow::ensure!(
+        checkpoint.source == source.location(),
+        "output {} was built from source {}, not {}; use another --output",
+        store.location(),
+        checkpoint.source,
+        source.location()
+    );
     Ok(())
 }
 
@@ -220,13 +230,7 @@ fn resume(
     let Some(checkpoint) = Checkpoint::load(store)? else {
         return Ok(Checkpoint::empty(source.location(), dim));
     };
-    anyhow::ensure!(
-        checkpoint.source == source.location(),
-        "output {} was built from source {}, not {}; use another --output",
-        store.location(),
-        checkpoint.source,
-        source.location()
-    );
+    same_source(&checkpoint, source, store)?;
     anyhow::ensure!(
         checkpoint.models.moments.dim == dim,
         "output {} holds {}-dimensional embeddings but the model gives {dim}",

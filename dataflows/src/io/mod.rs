@@ -3,4 +3,4 @@
 
 pub mod s3;
 
-pub use s3::{S3Client, S3Config, S3Location};
+pub use s3::{S3Client, S3Config, S3Location, S3Prefix};

@@ -172,6 +172,158 @@ impl S3Client {
     }
 }
 
+/// A bucket and key prefix with the operations the source and the sinks share: paged
+/// listing, whole-object GET/PUT/DELETE, all through the retry loop.
+pub struct S3Prefix {
+    client: Arc<S3Client>,
+    location: S3Location,
+}
+
+impl S3Prefix {
+    /// Connects to `s3://bucket/prefix` (no request yet).
+    pub fn open(url: &str, config: &S3Config) -> Result<Self> {
+        Ok(S3Prefix {
+            client: S3Client::new(config)?,
+            location: S3Location::parse(url)?,
+        })
+    }
+
+    /// The location.
+    pub fn location(&self) -> &S3Location {
+        &self.location
+    }
+
+    /// Runs a future on the I/O runtime.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.client.block_on(f)
+    }
+
+    /// The URL of `name` under the prefix (for messages).
+    pub fn what(&self, name: &str) -> String {
+        format!("s3://{}/{}", self.location.bucket, self.location.key(name))
+    }
+
+    /// Every object under the full key prefix `prefix` (all pages) and, with a
+    /// delimiter, the common prefixes.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        delimiter: bool,
+    ) -> Result<(Vec<aws_sdk_s3::types::Object>, Vec<String>), S3Error> {
+        let (mut objects, mut prefixes, mut token) = (Vec::new(), Vec::new(), None::<String>);
+        let what = format!("listing s3://{}/{prefix}", self.location.bucket);
+        loop {
+            let page = self
+                .client
+                .retry(&what, || {
+                    let mut req = self
+                        .client
+                        .sdk()
+                        .list_objects_v2()
+                        .bucket(&self.location.bucket)
+                        .prefix(prefix);
+                    if delimiter {
+                        req = req.delimiter("/");
+                    }
+                    if let Some(t) = &token {
+                        req = req.continuation_token(t);
+                    }
+                    req.send()
+                })
+                .await?;
+            objects.extend(page.contents().iter().cloned());
+            prefixes.extend(
+                page.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix().map(String::from)),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok((objects, prefixes))
+    }
+
+    /// Whether the prefix can be listed with these credentials (one key at most).
+    pub async fn probe(&self) -> Result<(), S3Error> {
+        let what = format!("listing {}", self.location.url());
+        let prefix = self.location.key("");
+        self.client
+            .retry(&what, || {
+                self.client
+                    .sdk()
+                    .list_objects_v2()
+                    .bucket(&self.location.bucket)
+                    .prefix(&prefix)
+                    .max_keys(1)
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The bytes of `name`.
+    pub async fn get(&self, name: &str) -> Result<Vec<u8>, S3Error> {
+        let (key, what) = (self.location.key(name), self.what(name));
+        let object = self
+            .client
+            .retry(&what, || {
+                self.client
+                    .sdk()
+                    .get_object()
+                    .bucket(&self.location.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await?;
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| S3Error::Transient(format!("reading {what}: {e}")))?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+
+    /// Writes `name` whole.
+    pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), S3Error> {
+        let (key, what) = (self.location.key(name), self.what(name));
+        self.client
+            .retry(&what, || {
+                let body = aws_sdk_s3::primitives::ByteStream::from(bytes.to_vec());
+                self.client
+                    .sdk()
+                    .put_object()
+                    .bucket(&self.location.bucket)
+                    .key(&key)
+                    .body(body)
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes `name` (absent is fine).
+    pub async fn delete(&self, name: &str) -> Result<(), S3Error> {
+        let (key, what) = (self.location.key(name), self.what(name));
+        match self
+            .client
+            .retry(&what, || {
+                self.client
+                    .sdk()
+                    .delete_object()
+                    .bucket(&self.location.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await
+        {
+            Ok(_) | Err(S3Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A failed S3 call, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
