@@ -23,14 +23,19 @@ pub struct Server {
     pub port: u16,
 }
 
+/// The s3s-fs binary: in cargo's bin directory (where `cargo install` puts it) or on PATH.
 fn s3s_fs() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let installed = Path::new(&home).join(".cargo/bin/s3s-fs");
-    assert!(
-        installed.exists(),
-        "s3s-fs is not installed: `cargo install s3s-fs --version 0.14.1 --features binary --locked` (.ci/run does this)"
-    );
-    installed
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    std::iter::once(cargo_home.join("bin"))
+        .chain(on_path)
+        .map(|dir| dir.join("s3s-fs"))
+        .find(|p| p.is_file())
+        .expect("s3s-fs is not installed: `cargo install s3s-fs --version 0.14.1 --features binary --locked` (scripts/setup does this)")
 }
 
 fn credentials() {
