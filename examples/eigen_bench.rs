@@ -5,13 +5,18 @@
 use std::time::Instant;
 
 fn main() {
-    let d: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1280);
+    let d: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1280);
     // A correlation-like SPD matrix: X^T X / n over pseudo-random data.
     let n = 2 * d;
     let mut s = 42u64;
     let x: Vec<f64> = (0..n * d)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 11) as f64 / (1u64 << 53) as f64
         })
         .collect();
