@@ -19,7 +19,7 @@ pub struct S3Config {
     pub endpoint: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`), needed by most self-hosted servers.
     pub path_style: bool,
-    /// Region, when AWS_REGION and the profile do not give one (default us-east-1).
+    /// Region; overrides AWS_REGION and the profile (otherwise those, then us-east-1).
     pub region: Option<String>,
     /// Give up on a transient failure after this many seconds (0: retry forever).
     pub retry_for_s: u64,
@@ -97,16 +97,13 @@ impl S3Client {
                 loader = loader.endpoint_url(endpoint);
             }
             let shared = loader.load().await;
-            let region = shared
-                .region()
-                .cloned()
-                .or_else(|| config.region.clone().map(aws_config::Region::new))
-                .unwrap_or_else(|| aws_config::Region::new("us-east-1"));
+            // [s3] region wins, then AWS_REGION / the profile, then us-east-1.
             let region = config
                 .region
                 .clone()
                 .map(aws_config::Region::new)
-                .unwrap_or(region);
+                .or_else(|| shared.region().cloned())
+                .unwrap_or_else(|| aws_config::Region::new("us-east-1"));
             let s3 = aws_sdk_s3::config::Builder::from(&shared)
                 .region(region)
                 .force_path_style(config.path_style)

@@ -44,11 +44,6 @@ impl Moments {
         self.ss.iter_mut().zip(&other.ss).for_each(|(a, b)| *a += b);
     }
 
-    /// True when no image contributed (or all contributions cancelled).
-    pub fn is_empty(&self) -> bool {
-        self.n == 0 && self.sum.iter().all(|&s| s == 0)
-    }
-
     /// Index of (i, j), i <= j, in the packed upper triangle.
     pub fn packed(&self, i: usize, j: usize) -> usize {
         debug_assert!(i <= j);
