@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("usage: embed_one IMAGE"))?;
-    let embedder = Embedder::load_outputs(
+    let mut embedder = Embedder::load_outputs(
         &EmbedConfig::default(),
         &DecodeConfig::default(),
         &["embedding", "logits"],

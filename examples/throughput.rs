@@ -2,6 +2,10 @@
 //! batch 1) over a Fruits-360 folder:
 //! `cargo run --release --example throughput -- ../shared/fruits360/Training [LIMIT]`.
 
+// The same allocator as the fruits-flow binary, so figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use fruits_dataflows::decode::{decode, DecodeConfig};
 use fruits_dataflows::embed::{EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
@@ -26,7 +30,12 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|k| source.read(k))
         .collect::<Result<_, _>>()?;
-    let embedder = Embedder::load(&EmbedConfig::default(), &DecodeConfig::default())?;
+    let config = EmbedConfig {
+        model: std::env::args().nth(3).map_or(EmbedConfig::default().model, Into::into),
+        transforms: std::env::args().nth(4).map(|t| vec![t]).unwrap_or_default(),
+        ..EmbedConfig::default()
+    };
+    let mut embedder = Embedder::load(&config, &DecodeConfig::default())?;
 
     let started = Instant::now();
     let mut tensors = Vec::new();

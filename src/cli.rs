@@ -33,6 +33,18 @@ pub enum Command {
     Export(ExportArgs),
     /// Print the state of an output: images, labels, errors, PCA and KMeans.
     Status(StatusArgs),
+    /// Name the fruit in photos with the current models of an output: top labels with
+    /// scores and the nearest cluster.
+    Classify(ClassifyArgs),
+    /// HTTP endpoint over an output's live models: POST /classify (JPEG body),
+    /// GET /status, GET /metrics. Follows the running dataflow without restarts.
+    Serve(ServeArgs),
+    /// Draw the state of an output: explained variance, PC1×PC2 by label and by
+    /// cluster, cluster × label table, images per label over time (PNG + one HTML page).
+    Report(ReportArgs),
+    /// Rebuild every statistic from the stored embeddings (no model runs), check the
+    /// moments against the streamed state, and write the rebuilt models to OUT/replay/.
+    Replay(ReplayArgs),
 }
 
 /// Timely's cluster flags.
@@ -101,6 +113,72 @@ pub struct RunArgs {
     /// ONNX model file (overrides [embed] model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Also serve POST /classify, GET /status and GET /metrics on this address
+    /// (process 0 only), following the models as epochs commit.
+    #[arg(long, value_name = "ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
+}
+
+/// Where an output is and how to reach it (for commands that read one).
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Settings file ([s3], [pca], [kmeans], [classify] sections; cluster.toml works).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output of a run (directory or s3://bucket/prefix).
+    #[arg(long, default_value = "out")]
+    pub output: String,
+}
+
+/// Arguments of `classify`.
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// JPEG files to classify.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Labels to print per image (overrides [classify] top).
+    #[arg(long)]
+    pub top: Option<usize>,
+    /// ONNX model file (default: the one the output was built with).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// ONNX model file (default: the one the output was built with).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Arguments of `report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// HTML page to write; the PNG files go beside it.
+    #[arg(long, default_value = "report/index.html")]
+    pub html: PathBuf,
+}
+
+/// Arguments of `replay`.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// Arguments of `export`.

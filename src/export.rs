@@ -42,15 +42,17 @@ pub fn export(
         .pca
         .as_ref()
         .context("no PCA model yet: fewer than two images were ingested")?;
+    let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
+    let projected = pca.project_many(&raw);
+    let centroids = models.kmeans.projected_centroids(pca);
     let exported: Vec<ExportRow> = rows
         .iter()
-        .map(|(row, stored)| {
-            let x = row.embedding.to_f64();
-            ExportRow {
-                row: stored,
-                pca_features: pca.project(&x),
-                cluster: models.kmeans.assign(&x, pca),
-            }
+        .zip(projected)
+        .map(|((_, stored), p)| ExportRow {
+            row: stored,
+            cluster: (!centroids.is_empty())
+                .then(|| fruits_dataflows::stats::kmeans::nearest(&centroids, &p)),
+            pca_features: p,
         })
         .collect();
     let mut csv = csv::Writer::from_path(csv_path)

@@ -1,9 +1,17 @@
 //! The fruits-flow binary: parse the command line, load the config, run the command;
 //! print the error chain and set the exit code on failure.
 
+mod classify;
 mod cli;
 mod config;
 mod export;
+mod report;
+mod serve;
+
+// mimalloc keeps freed tensor buffers for reuse; glibc's malloc returned the large ones
+// to the OS after every model run (mmap/munmap and page faults per image).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -35,6 +43,29 @@ fn dispatch(command: Command) -> Result<()> {
             eprintln!("Exported {n} rows to {}.", args.csv.display());
             Ok(())
         }
+        Command::Classify(args) => {
+            let (s3, pipeline) = settings(&args.out)?;
+            classify::run(&args, &s3, pipeline.classify)
+        }
+        Command::Serve(args) => {
+            let (s3, pipeline) = settings(&args.out)?;
+            let options = serve_options(&args.out.output, s3, args.listen, pipeline, args.model.clone());
+            serve::serve(options, Arc::new(AtomicBool::new(false)))
+        }
+        Command::Report(args) => {
+            let (s3, pipeline) = settings(&args.out)?;
+            let store = fruits_dataflows::sink::open(&args.out.output, &s3)?;
+            let report = report::report(store.as_ref(), &args.html, pipeline.pca.variance)?;
+            for png in &report.pngs {
+                eprintln!("Wrote {}.", png.display());
+            }
+            eprintln!("Wrote {}.", report.html.display());
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let (s3, pipeline) = settings(&args.out)?;
+            replay(&args.out.output, &s3, &pipeline)
+        }
         Command::Status(args) => {
             let s3 = s3_config(args.config.as_deref(), &args.s3)?;
             let status = export::status_json(&args.output, &s3)?;
@@ -58,6 +89,71 @@ fn s3_config(
     };
     flags.apply(&mut s3);
     Ok(s3)
+}
+
+/// The pipeline settings of a command that reads an output, with the S3 flags applied.
+fn settings(out: &cli::OutputArgs) -> Result<(fruits_dataflows::io::S3Config, fruits_dataflows::PipelineConfig)> {
+    let mut pipeline = match out.config.as_deref() {
+        Some(p) => config::load(p)?.pipeline,
+        None => Default::default(),
+    };
+    out.s3.apply(&mut pipeline.s3);
+    Ok((pipeline.s3.clone(), pipeline))
+}
+
+fn serve_options(
+    output: &str,
+    s3: fruits_dataflows::io::S3Config,
+    listen: std::net::SocketAddr,
+    pipeline: fruits_dataflows::PipelineConfig,
+    model: Option<std::path::PathBuf>,
+) -> serve::ServeOptions {
+    serve::ServeOptions {
+        output: output.to_string(),
+        s3,
+        listen,
+        classify: pipeline.classify,
+        model,
+        max_body: 10 << 20,
+        concurrency: 2,
+        timeout: std::time::Duration::from_secs(30),
+        reload_every: std::time::Duration::from_secs(1),
+    }
+}
+
+fn replay(output: &str, s3: &fruits_dataflows::io::S3Config, pipeline: &fruits_dataflows::PipelineConfig) -> Result<()> {
+    let store = fruits_dataflows::sink::open(output, s3)?;
+    let started = std::time::Instant::now();
+    let r = fruits_dataflows::replay::replay(store.as_ref(), &pipeline.pca, &pipeline.kmeans)?;
+    let total = started.elapsed().as_secs_f64();
+    let n = r.images as f64;
+    println!("images: {}", r.images);
+    println!("read stored embeddings: {:.3} s ({:.0} images/s)", r.read_s, n / r.read_s.max(1e-9));
+    println!("exact moments: {:.3} s ({:.0} images/s)", r.moments_s, n / r.moments_s.max(1e-9));
+    println!("PCA fit (eigendecomposition, fixed cost): {:.3} s", r.pca_s);
+    println!("KMeans fit: {:.3} s", r.kmeans_s);
+    println!("total: {:.3} s ({:.0} images/s)", total, n / total.max(1e-9));
+    println!(
+        "moments equal to the streamed state: {}",
+        if r.moments_identical { "yes, bit for bit" } else { "NO" }
+    );
+    if let Some(pca) = &r.models.pca {
+        println!("PCA: k = {} ({:.2} % variance)", pca.k, pca.explained_variance() * 100.0);
+        store.put("replay/models/scaler.json", &serde_json::to_vec(&pca.scaler)?)?;
+        store.put("replay/models/pca.json", &serde_json::to_vec(&serde_json::json!({
+            "epoch": r.checkpoint.epoch, "n": pca.n, "k": pca.k,
+            "explained_variance_ratio": pca.explained_variance_ratio,
+            "eigenvalues": pca.eigenvalues, "components": pca.components,
+        }))?)?;
+        store.put("replay/models/kmeans.json", &serde_json::to_vec(&serde_json::json!({
+            "epoch": r.checkpoint.epoch, "k": r.models.kmeans.centroids.len(),
+            "counts": r.models.kmeans.weights, "centroids": r.models.kmeans.centroids,
+            "centroids_pca": r.models.kmeans.projected_centroids(pca),
+        }))?)?;
+        println!("wrote {}/replay/models/{{scaler,pca,kmeans}}.json", store.location());
+    }
+    anyhow::ensure!(r.moments_identical, "the rebuilt moments differ from the streamed state");
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -94,7 +190,21 @@ fn run(args: RunArgs) -> Result<()> {
         once: args.once,
         stop,
         pipeline,
+        single_process: args.cluster.processes == 1,
     };
+    if let Some(listen) = args.serve.filter(|_| args.cluster.process == 0) {
+        let endpoint = serve_options(&options.output, options.pipeline.s3.clone(), listen, options.pipeline.clone(), args.model.clone());
+        // The endpoint lives as long as the run: the process exit ends it.
+        let stop = Arc::new(AtomicBool::new(false));
+        std::thread::Builder::new()
+            .name("serve".into())
+            .spawn(move || {
+                if let Err(e) = serve::serve(endpoint, stop) {
+                    tracing::error!(stage = "serve", error = %format!("{e:#}"), "The HTTP endpoint stopped.");
+                }
+            })
+            .context("starting the HTTP endpoint")?;
+    }
     let guards = timely::execute(timely, move |worker| {
         fruits_dataflows::run_worker(worker, &options)
             .map_err(|e| format!("worker {}: {e:#}", worker.index()))

@@ -17,3 +17,7 @@ mod bad_input;
 mod s3;
 // kill -9 at random points, restart: every image exactly once.
 mod crash;
+// classify and the HTTP endpoint, including malformed input and live model updates.
+mod serve;
+// The report's pictures and page.
+mod report;

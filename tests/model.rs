@@ -27,10 +27,10 @@ fn images(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
 #[test]
 fn imagenet_top1_names_the_fruit() {
     let config = EmbedConfig {
-        model: model(),
+        model: model_224(),
         ..EmbedConfig::default()
     };
-    let embedder =
+    let mut embedder =
         Embedder::load_outputs(&config, &DecodeConfig::default(), &["embedding", "logits"])
             .unwrap();
     let (base, per_label) = match shared() {
@@ -66,11 +66,17 @@ fn imagenet_top1_names_the_fruit() {
 
 #[test]
 fn embedding_matches_the_float64_reference() {
+    // The original 224x224 export and the default 112x112 one (its own TF SAME padding).
+    matches_reference(model_224(), 224);
+    matches_reference(model(), 112);
+}
+
+fn matches_reference(model: std::path::PathBuf, size: u32) {
     let config = EmbedConfig {
-        model: model(),
+        model,
         ..EmbedConfig::default()
     };
-    let embedder = Embedder::load(&config, &DecodeConfig::default()).unwrap();
+    let mut embedder = Embedder::load(&config, &DecodeConfig::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let files = [
         fixtures().join("Banana 1/0_100.jpg"),
@@ -94,6 +100,8 @@ fn embedding_matches_the_float64_reference() {
             input.to_str().unwrap(),
             "--out",
             output.to_str().unwrap(),
+            "--size",
+            &size.to_string(),
         ])
         .current_dir(root())
         .status()
@@ -110,7 +118,8 @@ fn embedding_matches_the_float64_reference() {
         .zip(&reference)
         .map(|(a, b)| (*a as f64 - b).abs())
         .fold(0.0, f64::max);
-    eprintln!("max |tract - reference| = {max:e}");
+    assert_eq!(embedder.preprocess().size, size, "the model declares its input size");
+    eprintln!("{size}x{size}: max |tract - reference| = {max:e}");
     assert!(
         max < 1e-4,
         "tract embedding differs from the float64 reference by {max}"

@@ -8,11 +8,21 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The default model (112x112 input), as `run` uses it.
 pub fn model() -> PathBuf {
-    let path = root().join("models/efficientnet_lite0.onnx");
+    exported(fruits_dataflows::embed::DEFAULT_MODEL, "--size 112")
+}
+
+/// The model at its original 224x224 input (ImageNet checks, reference comparison).
+pub fn model_224() -> PathBuf {
+    exported("models/efficientnet_lite0.onnx", "")
+}
+
+fn exported(name: &str, flags: &str) -> PathBuf {
+    let path = root().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `python3 models/export_efficientnet_lite0.py` first (README, setup)",
+        "{} is missing: run `python3 models/export_efficientnet_lite0.py {flags}` first (README, setup)",
         path.display()
     );
     path

@@ -41,6 +41,8 @@ pub struct PipelineConfig {
     pub kmeans: KMeansConfig,
     /// `[s3]`: endpoint and addressing for s3:// sources and outputs.
     pub s3: crate::io::S3Config,
+    /// `[classify]`: how `classify` and `serve` name a fruit.
+    pub classify: crate::classify::ClassifyConfig,
 }
 
 impl PipelineConfig {

@@ -5,7 +5,8 @@
 
 use crate::config::PipelineConfig;
 use crate::embed::operator::{embed, Outcome, RowUpdate};
-use crate::embed::Embedder;
+use crate::embed::{EmbedConfig, Embedder};
+use crate::progress::Progress;
 use crate::record::{Change, Epoch, ImageKey};
 use crate::sink::{operator::parquet, OutputStore};
 use crate::source::{Ledger, ListedObject, Source};
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Stage settings.
     pub pipeline: PipelineConfig,
+    /// True when the cluster is this one process (progress can count live).
+    pub single_process: bool,
 }
 
 /// Checks, before any worker starts, that the source and output are reachable with the
@@ -75,9 +78,9 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let config = &options.pipeline;
     let source: Arc<dyn Source> = Arc::from(crate::source::open(&options.source, &config.s3)?);
     let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output, &config.s3)?);
-    let embedder = Embedder::load(&config.embed, &config.decode)?;
+    let mut embedder = Embedder::load(&config.embed, &config.decode)?;
     let dim = embedder.dim()?;
-    let checkpoint = resume(store.as_ref(), source.as_ref(), dim, index)?;
+    let checkpoint = resume(store.as_ref(), source.as_ref(), dim, embedder.config(), index)?;
     let owned: HashMap<ImageKey, _> =
         restore_owned(store.as_ref(), source.as_ref(), &checkpoint, index, peers)?;
 
@@ -147,6 +150,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     changes_in.advance_to(epoch);
     finish_in.advance_to(epoch);
     let mut lister = (index == 0).then(|| Lister::new(checkpoint.source_ledger(), options));
+    let mut progress = (index == 0).then(|| Progress::new(options.single_process));
     let poll = Duration::from_millis(config.source.poll_interval_ms);
     let mut round = 0u64;
     loop {
@@ -174,7 +178,11 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             if due {
                 lister.offer(listing);
             }
-            for change in lister.next_epoch(config.source.epoch_size) {
+            let changes = lister.next_epoch(config.source.epoch_size);
+            if let Some(progress) = progress.as_mut() {
+                progress.handed(epoch, changes.len(), lister.listed_at);
+            }
+            for change in changes {
                 changes_in.send(change);
             }
             if lister.done(options) {
@@ -187,6 +195,12 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         // 3. At most two epochs in flight: the next one embeds while this one commits.
         while committed.less_than(&(epoch - 1)) {
             worker.step_or_park(Some(Duration::from_millis(100)));
+            if let Some(progress) = progress.as_ref() {
+                progress.tick();
+            }
+        }
+        if let Some(progress) = progress.as_mut() {
+            progress.committed_below(committed_frontier(&committed));
         }
         if finished.get() || committed.done() {
             break;
@@ -207,7 +221,22 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     drop(finish_in);
     drop(listed_in);
     while worker.step_or_park(Some(Duration::from_millis(100))) {}
+    if let Some(progress) = progress.as_mut() {
+        progress.committed_below(Epoch::MAX);
+        progress.finish();
+        let timings: Vec<String> = crate::metrics::metrics()
+            .stage_summary()
+            .iter()
+            .map(|(stage, s)| format!("{stage} {s:.2}"))
+            .collect();
+        tracing::info!(stage = "progress", seconds_per_stage = %timings.join(", "), "Done (stage times summed over this process's workers).");
+    }
     Ok(())
+}
+
+/// The first epoch not yet committed everywhere (MAX once the dataflow is done).
+fn committed_frontier(committed: &ProbeHandle<Epoch>) -> Epoch {
+    committed.with_frontier(|f| f.iter().min().copied().unwrap_or(Epoch::MAX))
 }
 
 /// One worker's contribution to a listing round.
@@ -225,11 +254,25 @@ fn resume(
     store: &dyn OutputStore,
     source: &dyn Source,
     dim: usize,
+    embed: &EmbedConfig,
     index: usize,
 ) -> Result<Checkpoint> {
     let Some(checkpoint) = Checkpoint::load(store)? else {
-        return Ok(Checkpoint::empty(source.location(), dim));
+        return Ok(Checkpoint::empty(source.location(), dim, embed.clone()));
     };
+    let was = &checkpoint.embed;
+    anyhow::ensure!(
+        was.input_size == embed.input_size && was.mean == embed.mean && was.std == embed.std,
+        "output {} holds embeddings made at input size {} (mean {:?}, std {:?}), but [embed] now \
+         says {} (mean {:?}, std {:?}); use another --output or the same [embed] settings",
+        store.location(),
+        was.input_size,
+        was.mean,
+        was.std,
+        embed.input_size,
+        embed.mean,
+        embed.std
+    );
     same_source(&checkpoint, source, store)?;
     anyhow::ensure!(
         checkpoint.models.moments.dim == dim,
@@ -280,6 +323,8 @@ fn restore_owned(
 /// takes a new one whenever its queue is empty.
 struct Lister {
     ledger: Ledger,
+    /// When the listing that produced the queued changes was taken.
+    listed_at: Instant,
     queue: VecDeque<Change>,
     once: bool,
     listed: bool,
@@ -289,6 +334,7 @@ impl Lister {
     fn new(ledger: Ledger, options: &RunOptions) -> Self {
         Lister {
             ledger,
+            listed_at: Instant::now(),
             queue: VecDeque::new(),
             once: options.once,
             listed: false,
@@ -308,6 +354,7 @@ impl Lister {
             }
         }
         listing.sort();
+        self.listed_at = Instant::now();
         let changes = self.ledger.diff(&listing);
         if !changes.is_empty() {
             tracing::info!(

@@ -7,15 +7,22 @@
 //! - [`stats`]: exact moments → standardized PCA → online KMeans;
 //! - [`sink`]: Parquet rows, model JSON, error records, status;
 //! - [`state`]: per-epoch checkpoints and the commit point;
-//! - [`io`]: S3 access shared by the S3 source and sink.
+//! - [`io`]: S3 access shared by the S3 source and sink;
+//! - [`replay`]: rebuilds the statistics from stored embeddings, no model;
+//! - [`classify`]: names a fruit from a photo with the live models;
+//! - [`metrics`], [`progress`]: what the stages did, for `/metrics` and the progress bar.
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod classify;
 pub mod decode;
 pub mod embed;
 pub mod ingest;
 pub mod io;
+pub mod metrics;
+pub mod progress;
 pub mod record;
+pub mod replay;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -4,6 +4,7 @@
 
 use super::Embedder;
 use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
+use crate::metrics::{metrics, timed};
 use crate::source::Source;
 
 use std::collections::HashMap;
@@ -45,20 +46,24 @@ pub fn embed<'s>(
                         .filter(|c| matches!(c.kind, ChangeKind::Upsert { .. }) && c.key.label().is_ok())
                         .map(|c| c.key.clone())
                         .collect();
-                    let mut fetched: HashMap<ImageKey, anyhow::Result<Vec<u8>>> =
-                        wanted.iter().cloned().zip(source.read_many(&wanted)).collect();
+                    let mut fetched: HashMap<ImageKey, anyhow::Result<Vec<u8>>> = timed("fetch", || {
+                        wanted.iter().cloned().zip(source.read_many(&wanted)).collect()
+                    });
                     for change in chunk {
                         // Whatever the change, the previous version (if any) leaves.
                         if let Some(old) = owned.remove(&change.key) {
+                            metrics().images_retracted.inc();
                             session.give(Outcome::Row((old, epoch, -1)));
                         }
                         if let ChangeKind::Upsert { .. } = change.kind {
                             match embed_one(&change.key, fetched.remove(&change.key), &mut embedder) {
                                 Ok(row) => {
+                                    metrics().images_ingested.inc();
                                     owned.insert(row.key.clone(), row.clone());
                                     session.give(Outcome::Row((row, epoch, 1)));
                                 }
                                 Err((kind, reason)) => {
+                                    metrics().error(kind.as_str());
                                     tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
                                     let key = change.key.clone();
                                     session.give(Outcome::Error(ErrorRecord { key, kind, reason, epoch }));

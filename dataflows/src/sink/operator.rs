@@ -5,6 +5,7 @@
 use super::parquet::{encode_rows, StoredRow};
 use super::OutputStore;
 use crate::embed::operator::RowUpdate;
+use crate::metrics::timed;
 use crate::record::Epoch;
 use crate::source::Source;
 use std::collections::BTreeMap;
@@ -62,8 +63,10 @@ pub fn parquet<'s>(
                 rows.sort_by(|a, b| a.path.cmp(&b.path));
                 let name = embeddings_file(t, worker);
                 // An output we cannot write is fatal: the epoch must not commit without it.
-                let bytes = encode_rows(&rows).unwrap_or_else(|e| panic!("encoding {name}: {e:#}"));
-                store.put(&name, &bytes).unwrap_or_else(|e| panic!("writing {name}: {e:#}"));
+                timed("parquet", || {
+                    let bytes = encode_rows(&rows).unwrap_or_else(|e| panic!("encoding {name}: {e:#}"));
+                    store.put(&name, &bytes).unwrap_or_else(|e| panic!("writing {name}: {e:#}"));
+                });
                 tracing::debug!(stage = "parquet", file = %name, rows = rows.len(), "Embeddings written.");
                 output.session(&cap).give(rows.len());
             }

@@ -3,6 +3,7 @@
 //! pointer. A run resumes from the last complete checkpoint, so a crash loses nothing
 //! and counts nothing twice: uncommitted epochs are simply listed and processed again.
 
+use crate::embed::EmbedConfig;
 use crate::record::{Epoch, ErrorRecord, ImageKey};
 use crate::sink::OutputStore;
 use crate::source::Ledger;
@@ -13,7 +14,8 @@ use std::collections::BTreeMap;
 
 pub mod operator;
 
-const FORMAT: u32 = 1;
+/// 2: the embed settings joined the checkpoint.
+const FORMAT: u32 = 2;
 const POINTER: &str = "state/CURRENT";
 
 /// What the ledger knows of one ingested object.
@@ -57,11 +59,14 @@ pub struct Checkpoint {
     pub models: Models,
     /// One summary per committed epoch.
     pub history: Vec<EpochSummary>,
+    /// The model and preprocessing that produced the stored embeddings: classify must
+    /// embed a new photo the same way.
+    pub embed: EmbedConfig,
 }
 
 impl Checkpoint {
     /// The state before anything was ingested.
-    pub fn empty(source: String, dim: usize) -> Self {
+    pub fn empty(source: String, dim: usize, embed: EmbedConfig) -> Self {
         Checkpoint {
             format: FORMAT,
             epoch: 0,
@@ -71,6 +76,7 @@ impl Checkpoint {
             labels: BTreeMap::new(),
             models: Models::new(dim),
             history: Vec::new(),
+            embed,
         }
     }
 

@@ -3,6 +3,7 @@
 //! commit. Its output is the committed epoch; a probe on it is the commit point.
 
 use super::{Checkpoint, EpochSummary, LedgerEntry};
+use crate::metrics::timed;
 use crate::record::{Change, ChangeKind, Epoch, ErrorRecord};
 use crate::sink::{models::publish, OutputStore};
 use crate::stats::Models;
@@ -53,12 +54,15 @@ pub fn commit<'s>(
                     break;
                 }
                 let (cap, items) = entry.remove();
-                apply(&mut checkpoint, t, items);
-                publish(store.as_ref(), &checkpoint)
-                    .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
-                checkpoint
-                    .commit(store.as_ref())
-                    .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
+                timed("commit", || {
+                    apply(&mut checkpoint, t, items);
+                    publish(store.as_ref(), &checkpoint)
+                        .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
+                    checkpoint
+                        .commit(store.as_ref())
+                        .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
+                });
+                crate::metrics::metrics().epoch.set(t as i64);
                 let rate = (checkpoint.images() - start_images) as f64
                     / started.elapsed().as_secs_f64().max(1e-9);
                 tracing::info!(

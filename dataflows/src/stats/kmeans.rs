@@ -74,17 +74,18 @@ impl KMeans {
             }
             return;
         }
-        let projected: Vec<Vec<f64>> = self.centroids.iter().map(|c| pca.project(c)).collect();
+        let projected = pca.project_many(&self.centroids);
         let d = self.centroids[0].len();
         let k = self.centroids.len();
         let (mut counts, mut sums) = (vec![0.0f64; k], vec![vec![0.0f64; d]; k]);
-        for (_, e, diff) in &points {
-            let x = e.to_f64();
-            let c = nearest(&projected, &pca.project(&x));
+        let xs: Vec<Vec<f64>> = points.iter().map(|(_, e, _)| e.to_f64()).collect();
+        let projected_points = pca.project_many(&xs);
+        for (((_, _, diff), x), p) in points.iter().zip(&xs).zip(&projected_points) {
+            let c = nearest(&projected, p);
             counts[c] += *diff as f64;
             sums[c]
                 .iter_mut()
-                .zip(&x)
+                .zip(x)
                 .for_each(|(s, v)| *s += *diff as f64 * v);
         }
         let a = config.decay_factor();
@@ -115,7 +116,8 @@ impl KMeans {
     /// k-means++ with a fixed seed over the pending points (key order), then Lloyd.
     fn seed(&mut self, pca: &PcaModel, config: &KMeansConfig) {
         let pending = std::mem::take(&mut self.pending);
-        let projected: Vec<Vec<f64>> = pending.iter().map(|(_, x)| pca.project(x)).collect();
+        let raw: Vec<&[f64]> = pending.iter().map(|(_, x)| x.as_slice()).collect();
+        let projected = pca.project_many(&raw);
         let mut rng = SplitMix64(config.seed);
         let mut chosen = vec![(rng.next() % projected.len() as u64) as usize];
         while chosen.len() < config.k {
@@ -191,13 +193,13 @@ impl KMeans {
         if self.centroids.is_empty() {
             return None;
         }
-        let projected: Vec<Vec<f64>> = self.centroids.iter().map(|c| pca.project(c)).collect();
+        let projected = pca.project_many(&self.centroids);
         Some(nearest(&projected, &pca.project(x)))
     }
 
     /// Centroids in PCA space, for reports.
     pub fn projected_centroids(&self, pca: &PcaModel) -> Vec<Vec<f64>> {
-        self.centroids.iter().map(|c| pca.project(c)).collect()
+        pca.project_many(&self.centroids)
     }
 }
 

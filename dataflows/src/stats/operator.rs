@@ -4,6 +4,7 @@
 
 use super::{kmeans::EpochPoint, KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
 use crate::embed::operator::RowUpdate;
+use crate::metrics::timed;
 use crate::record::Epoch;
 use std::collections::BTreeMap;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -28,16 +29,18 @@ pub fn moment_partials<'s>(
                         MomentsAccumulator::new(dim),
                     )
                 });
-                for (row, _, diff) in data.iter() {
-                    entry.1.add(&row.embedding, *diff);
-                }
+                timed("moments", || {
+                    for (row, _, diff) in data.iter() {
+                        entry.1.add(&row.embedding, *diff);
+                    }
+                });
             });
             while let Some(entry) = open.first_entry() {
                 if frontier.less_equal(entry.key()) {
                     break;
                 }
                 let (cap, acc) = entry.remove();
-                output.session(&cap).give(acc.finish());
+                output.session(&cap).give(timed("moments", || acc.finish()));
             }
         }
     })
@@ -92,7 +95,7 @@ pub fn models<'s>(
                     let (cap, partial, points) = entry.remove();
                     let started = std::time::Instant::now();
                     let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
-                    models.apply_epoch(&partial, points, &pca, &kmeans);
+                    timed("models", || models.apply_epoch(&partial, points, &pca, &kmeans));
                     tracing::debug!(
                         stage = "stats",
                         epoch = t,
