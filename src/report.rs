@@ -138,6 +138,7 @@ fn draw_variance(path: &Path, pca: &PcaModel, target: f64) -> Result<()> {
         .configure_mesh()
         .x_desc("number of principal components")
         .y_desc("explained variance")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .axis_desc_style(("sans-serif", 20))
         .label_style(("sans-serif", 16))
         .draw()?;
@@ -287,6 +288,9 @@ fn draw_history(path: &Path, checkpoint: &Checkpoint, labels: &[String]) -> Resu
         .configure_mesh()
         .x_desc("epoch")
         .y_desc("images")
+        .x_labels(((last - first) as usize + 1).min(20))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .axis_desc_style(("sans-serif", 20))
         .label_style(("sans-serif", 16))
         .draw()?;
