@@ -133,19 +133,33 @@ fn binary() -> Result<PathBuf> {
 }
 
 /// Runs `command` to completion; returns (seconds, peak RSS in MB) of the child.
+///
+/// The peak is the child's VmHWM, polled until it exits: it belongs to the child's own
+/// address space (getrusage's ru_maxrss would also count this process's memory, which
+/// the child inherits at fork, before its exec).
 fn measure(command: &mut Command) -> Result<(f64, f64)> {
     let started = Instant::now();
-    let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is a plain C struct, zero is a valid value; wait4 fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting on our own child; `status` and `usage` outlive the call.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            if let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(waited == pid, "wait4 failed");
-    anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "command failed: {command:?}");
-    Ok((seconds, usage.ru_maxrss as f64 / 1024.0))
+    anyhow::ensure!(status.success(), "command failed: {command:?}");
+    Ok((seconds, peak_kb as f64 / 1024.0))
 }
 
 fn timed_run(bin: &Path, images: &Path, out: &Path, model: &Path, workers: usize) -> Result<(f64, f64)> {

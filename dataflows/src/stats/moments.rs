@@ -67,7 +67,11 @@ const MAX_BATCH: usize = 256;
 /// overflow. The result is bit-identical to summing in i128 one image at a time (the
 /// tests check it), at a fraction of the cost.
 pub struct MomentsAccumulator {
+    /// Count and sums; its `ss` stays empty (see `wide`).
     total: Moments,
+    /// The i128 totals, allocated only if `fast` ever fills (over ~200k Lite0 images):
+    /// an epoch's partial usually lives in `fast` alone, half the memory.
+    wide: Vec<i128>,
     fast: Vec<i64>,
     /// Upper bound of |entry| in `fast`.
     bound: u128,
@@ -93,11 +97,17 @@ impl MomentsAccumulator {
     /// An empty accumulator whose matrix products use `par` (e.g. `Par::rayon(0)`
     /// for replay, where nothing else competes for the cores).
     pub fn with_parallelism(dim: usize, par: faer::Par) -> Self {
-        let total = Moments::new(dim);
-        let fast = vec![0; total.ss.len()];
+        let len = dim * (dim + 1) / 2;
+        let total = Moments {
+            dim,
+            n: 0,
+            sum: vec![0; dim],
+            ss: Vec::new(),
+        };
         MomentsAccumulator {
             total,
-            fast,
+            wide: Vec::new(),
+            fast: vec![0; len],
             bound: 0,
             plus: Batch::default(),
             minus: Batch::default(),
@@ -151,11 +161,12 @@ impl MomentsAccumulator {
             self.flush_fast();
         }
         if step > i64::MAX as u128 {
+            self.widen();
             let mut at = 0;
             for i in 0..d {
                 let xi = x[i] as i128 * diff as i128;
                 for j in i..d {
-                    self.total.ss[at] += xi * x[j] as i128;
+                    self.wide[at] += xi * x[j] as i128;
                     at += 1;
                 }
             }
@@ -223,8 +234,15 @@ impl MomentsAccumulator {
         slot.rows.clear();
     }
 
+    fn widen(&mut self) {
+        if self.wide.is_empty() {
+            self.wide = vec![0; self.fast.len()];
+        }
+    }
+
     fn flush_fast(&mut self) {
-        for (t, f) in self.total.ss.iter_mut().zip(self.fast.iter_mut()) {
+        self.widen();
+        for (t, f) in self.wide.iter_mut().zip(self.fast.iter_mut()) {
             *t += *f as i128;
             *f = 0;
         }
@@ -235,7 +253,14 @@ impl MomentsAccumulator {
     pub fn finish(mut self) -> Moments {
         self.flush_batch(false);
         self.flush_batch(true);
-        self.flush_fast();
+        let fast = std::mem::take(&mut self.fast);
+        self.total.ss = if self.wide.is_empty() {
+            fast.into_iter().map(i128::from).collect()
+        } else {
+            let mut wide = std::mem::take(&mut self.wide);
+            wide.iter_mut().zip(fast).for_each(|(w, f)| *w += f as i128);
+            wide
+        };
         self.total
     }
 }
