@@ -355,7 +355,11 @@ impl Lister {
         }
         listing.sort();
         self.listed_at = Instant::now();
-        let changes = self.ledger.diff(&listing);
+        let mut changes = self.ledger.diff(&listing);
+        // Epochs are cut in hash order, not key order: key order would put whole label
+        // folders in one epoch, so the first epochs (where KMeans seeds) would see only
+        // the first labels. A stable hash keeps epochs the same for any -w/-n.
+        changes.sort_by_cached_key(|c| (xxhash_rust::xxh3::xxh3_64(c.key.0.as_bytes()), c.key.clone()));
         if !changes.is_empty() {
             tracing::info!(
                 stage = "source",
