@@ -8,7 +8,8 @@
 //! ```
 //! Options after the folder: `--model FILE` (default: the configured default model),
 //! `--embed-limit N` images for the embed-alone and onnxruntime parts (default 500),
-//! `--skip-ort`, `--skip-w1`.
+//! `--skip-ort`, `--skip-w1`, `--backend onnxruntime` (needs a build with
+//! `--features onnxruntime` and `ORT_DYLIB_PATH`; the pipeline then runs onnxruntime).
 //!
 //! Parts: decode+resize alone; the embed stage alone (tract, 1 thread, batch 1);
 //! onnxruntime (Python, 1 and 2 threads); `run --once` at -w 1 and -w 2 (wall time and
@@ -45,7 +46,17 @@ fn main() -> Result<()> {
 
     // 1. decode + resize alone, over every image.
     let bytes: Vec<Vec<u8>> = keys.iter().map(|k| source.read(k)).collect::<Result<_, _>>()?;
-    let config = EmbedConfig { model: model.clone(), ..EmbedConfig::default() };
+    let onnxruntime = flag("--backend").is_some_and(|b| b == "onnxruntime");
+    let config = EmbedConfig {
+        model: model.clone(),
+        backend: if onnxruntime {
+            fruits_dataflows::embed::Backend::Onnxruntime
+        } else {
+            fruits_dataflows::embed::Backend::Tract
+        },
+        ..EmbedConfig::default()
+    };
+    println!("backend: {:?}", config.backend);
     let mut embedder = Embedder::load(&config, &DecodeConfig::default())?;
     let size = embedder.preprocess().size;
     println!("input size: {size}x{size}");
@@ -69,28 +80,34 @@ fn main() -> Result<()> {
         embedder.run_tensor(t)?;
     }
     let tract_1 = n as f64 / started.elapsed().as_secs_f64();
-    println!("embed alone (tract, 1 thread, batch 1, {n} images): {tract_1:.1} images/s ({:.2} ms/image)", 1000.0 / tract_1);
+    println!("embed alone ({:?}, 1 thread, batch 1, {n} images): {tract_1:.1} images/s ({:.2} ms/image)", config.backend, 1000.0 / tract_1);
     drop(tensors);
 
     // 3. onnxruntime on the same file and images.
     let ort = if skip("--skip-ort") { None } else { onnxruntime(&model, &images, n) };
     if let Some((one, two)) = ort {
         println!("onnxruntime (Python), 1 thread: {one:.1} images/s; 2 threads: {two:.1} images/s");
-        println!("tract / onnxruntime, 1 thread: {:.2} (tract per-image time is {:.2}x onnxruntime's)", tract_1 / one, one / tract_1);
+        println!("this backend / onnxruntime (Python), 1 thread: {:.2} (tract per-image time is {:.2}x onnxruntime's)", tract_1 / one, one / tract_1);
     }
 
     // 4. whole runs.
     let work = tempfile::tempdir()?;
+    let settings = work.path().join("settings.toml");
+    std::fs::write(
+        &settings,
+        if onnxruntime { "[embed]\nbackend = \"onnxruntime\"\n" } else { "" },
+    )?;
+    let settings = settings.as_path();
     let total = keys.len() as f64;
     if !skip("--skip-w1") {
-        let (s, rss) = timed_run(&bin, &images, &work.path().join("w1"), &model, 1)?;
+        let (s, rss) = timed_run(&bin, &images, &work.path().join("w1"), &model, 1, settings)?;
         println!("run --once -w 1: {s:.1} s, {:.1} images/s, peak RSS {:.0} MB", total / s, rss);
     }
     let out2 = work.path().join("w2");
-    let (s2, rss2) = timed_run(&bin, &images, &out2, &model, 2)?;
+    let (s2, rss2) = timed_run(&bin, &images, &out2, &model, 2, settings)?;
     println!("run --once -w 2: {s2:.1} s, {:.1} images/s, peak RSS {:.0} MB", total / s2, rss2);
     println!(
-        "  whole pipeline at -w 2 / (2 x tract single-thread embed): {:.2}",
+        "  whole pipeline at -w 2 / (2 x single-thread embed alone): {:.2}",
         total / s2 / (2.0 * tract_1)
     );
     if let Some((_, two)) = ort {
@@ -98,7 +115,7 @@ fn main() -> Result<()> {
     }
 
     // 5. adding 100 images to a tailing pipeline over the rest.
-    match incremental(&bin, &images, &keys, work.path(), &model) {
+    match incremental(&bin, &images, &keys, work.path(), &model, settings) {
         Ok((full, last)) => {
             println!("tailing: first {} images ingested in {full:.1} s; 100 more published {last:.2} s after landing", keys.len() - 100);
             println!("  adding 100 images / full run --once -w 2: {:.1} %", 100.0 * last / s2);
@@ -162,7 +179,7 @@ fn measure(command: &mut Command) -> Result<(f64, f64)> {
     Ok((seconds, peak_kb as f64 / 1024.0))
 }
 
-fn timed_run(bin: &Path, images: &Path, out: &Path, model: &Path, workers: usize) -> Result<(f64, f64)> {
+fn timed_run(bin: &Path, images: &Path, out: &Path, model: &Path, workers: usize, settings: &Path) -> Result<(f64, f64)> {
     measure(
         Command::new(bin)
             .args(["run", "--once", "-w", &workers.to_string(), "--source"])
@@ -171,17 +188,27 @@ fn timed_run(bin: &Path, images: &Path, out: &Path, model: &Path, workers: usize
             .arg(out)
             .arg("--model")
             .arg(model)
+            .arg("--config")
+            .arg(settings)
             .env("RUST_LOG", "warn"),
     )
 }
 
 /// Tails a copy of all but the last 100 images at -w 2, then lands the last 100 and
 /// times how long until the published status counts them.
-fn incremental(bin: &Path, images: &Path, keys: &[fruits_dataflows::record::ImageKey], work: &Path, model: &Path) -> Result<(f64, f64)> {
+fn incremental(
+    bin: &Path,
+    images: &Path,
+    keys: &[fruits_dataflows::record::ImageKey],
+    work: &Path,
+    model: &Path,
+    settings: &Path,
+) -> Result<(f64, f64)> {
     let source = work.join("tail-source");
     let out = work.join("tail-out");
     let config = work.join("tail.toml");
-    std::fs::write(&config, "[source]\npoll_interval_ms = 250\n")?;
+    let base = std::fs::read_to_string(settings)?;
+    std::fs::write(&config, format!("{base}[source]\npoll_interval_ms = 250\n"))?;
     // Every 51st image is held back, so the late ones spread over the labels.
     let late: Vec<_> = keys.iter().step_by((keys.len() / 100).max(1)).take(100).collect();
     for key in keys {

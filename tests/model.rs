@@ -125,3 +125,61 @@ fn matches_reference(model: std::path::PathBuf, size: u32) {
         "tract embedding differs from the float64 reference by {max}"
     );
 }
+
+/// The onnxruntime backend (cargo feature `onnxruntime`) gives tract's embeddings to
+/// 1e-4 on every fixture image, at both exported sizes.
+#[cfg(feature = "onnxruntime")]
+#[test]
+fn onnxruntime_backend_matches_tract() {
+    use fruits_dataflows::embed::Backend;
+    let library = onnxruntime_library();
+    for model in [model(), model_224()] {
+        let tract = EmbedConfig {
+            model,
+            ..EmbedConfig::default()
+        };
+        let ort = EmbedConfig {
+            backend: Backend::Onnxruntime,
+            onnxruntime_library: Some(library.clone()),
+            ..tract.clone()
+        };
+        let mut a = Embedder::load(&tract, &DecodeConfig::default()).unwrap();
+        let mut b = Embedder::load(&ort, &DecodeConfig::default()).unwrap();
+        let mut max = 0.0f64;
+        let mut tensor = Vec::new();
+        for label in std::fs::read_dir(fixtures()).unwrap() {
+            for f in images(&label.unwrap().path(), 10) {
+                let img = decode(&std::fs::read(&f).unwrap(), &DecodeConfig::default()).unwrap();
+                a.preprocess().tensor_into(&img, &mut tensor);
+                let (x, y) = (a.run_tensor(&tensor).unwrap(), b.run_tensor(&tensor).unwrap());
+                assert_eq!(x[0].len(), y[0].len());
+                for (p, q) in x[0].iter().zip(&y[0]) {
+                    max = max.max((p - q).abs() as f64);
+                }
+            }
+        }
+        eprintln!("{}: max |tract - onnxruntime| = {max:e}", tract.model.display());
+        assert!(max < 1e-4, "backends differ by {max}");
+    }
+}
+
+/// libonnxruntime.so: ORT_DYLIB_PATH, or the one in the PyPI wheel scripts/setup installs.
+#[cfg(feature = "onnxruntime")]
+fn onnxruntime_library() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return p.into();
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[0])",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onnxruntime is not installed for python3 (scripts/setup installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}

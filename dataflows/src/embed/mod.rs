@@ -2,6 +2,8 @@
 //! batch-1 plan per worker, loaded once (a symbolic batch runs ~6x slower in tract and
 //! batch 8 is slower per image than batch 1, measured here).
 
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
 pub mod operator;
 
 use crate::decode::{self, DecodeConfig, DecodeError, Preprocess};
@@ -41,6 +43,30 @@ pub struct EmbedConfig {
     pub output: String,
     /// tract model transforms applied before optimisation (e.g. "conv_nhwc").
     pub transforms: Vec<String>,
+    /// Inference engine: `tract` (default, pure Rust) or `onnxruntime` (cargo feature
+    /// `onnxruntime`; outputs equal to tract's within 1e-4).
+    pub backend: Backend,
+    /// libonnxruntime.so for the onnxruntime backend (default: `ORT_DYLIB_PATH`).
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+/// The inference engine behind the embed stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// tract-onnx: pure Rust, always available.
+    #[default]
+    Tract,
+    /// onnxruntime through the `ort` crate, loaded at run time.
+    Onnxruntime,
+}
+
+/// A loaded inference engine; clones share the model, each tract clone has its own state.
+#[derive(Clone)]
+enum Engine {
+    Tract(TypedSimpleState),
+    #[cfg(feature = "onnxruntime")]
+    Onnxruntime(onnxruntime::OrtEngine),
 }
 
 impl Default for EmbedConfig {
@@ -53,6 +79,8 @@ impl Default for EmbedConfig {
             output: "embedding".into(),
             // Channel-last convolutions: 1.3x (224) to 2x (112) faster in tract here.
             transforms: vec!["conv_nhwc".into()],
+            backend: Backend::Tract,
+            onnxruntime_library: None,
         }
     }
 }
@@ -74,7 +102,7 @@ impl EmbedConfig {
 #[derive(Clone)]
 pub struct Embedder {
     config: EmbedConfig,
-    state: TypedSimpleState,
+    engine: Engine,
     preprocess: Preprocess,
     decode: DecodeConfig,
     tensor: Vec<f32>,
@@ -139,6 +167,9 @@ impl Embedder {
             config.input_size = declared;
         }
         let s = config.input_size as usize;
+        if config.backend == Backend::Onnxruntime {
+            return Self::load_onnxruntime(config, decode, outputs);
+        }
         let mut plan = model
             .with_input_fact(0, f32::fact([1, 3, s, s]).into())?
             .with_outputs_by_name(outputs.iter().copied())
@@ -160,7 +191,7 @@ impl Embedder {
             .with_context(|| format!("optimising {}", config.model.display()))?
             .into_runnable()?;
         Ok(Embedder {
-            state: plan.spawn()?,
+            engine: Engine::Tract(plan.spawn()?),
             preprocess: config.preprocess(),
             config,
             decode: decode.clone(),
@@ -172,6 +203,31 @@ impl Embedder {
     pub fn dim(&mut self) -> Result<usize> {
         let zeros = vec![0.0f32; self.preprocess.tensor_len()];
         Ok(self.run_tensor(&zeros)?[0].len())
+    }
+
+    #[cfg(feature = "onnxruntime")]
+    fn load_onnxruntime(config: EmbedConfig, decode: &DecodeConfig, outputs: &[&str]) -> Result<Self> {
+        let library = config
+            .onnxruntime_library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
+        let engine = onnxruntime::OrtEngine::load(&config.model, &library, config.input_size as usize, outputs)?;
+        Ok(Embedder {
+            engine: Engine::Onnxruntime(engine),
+            preprocess: config.preprocess(),
+            config,
+            decode: decode.clone(),
+            tensor: Vec::new(),
+        })
+    }
+
+    #[cfg(not(feature = "onnxruntime"))]
+    fn load_onnxruntime(_: EmbedConfig, _: &DecodeConfig, _: &[&str]) -> Result<Self> {
+        anyhow::bail!(
+            "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
+             cargo build --release --features onnxruntime"
+        )
     }
 
     /// The settings in use, with the input size the model declares.
@@ -187,8 +243,13 @@ impl Embedder {
     /// Runs the model on one NCHW tensor; returns every loaded output, flattened.
     pub fn run_tensor(&mut self, tensor: &[f32]) -> Result<Vec<Vec<f32>>> {
         let s = self.preprocess.size as usize;
+        let state = match &mut self.engine {
+            Engine::Tract(state) => state,
+            #[cfg(feature = "onnxruntime")]
+            Engine::Onnxruntime(engine) => return engine.run(tensor),
+        };
         let input = Tensor::from_shape(&[1, 3, s, s], tensor)?;
-        let outputs = self.state.run(tvec!(input.into()))?;
+        let outputs = state.run(tvec!(input.into()))?;
         outputs
             .iter()
             .map(|o| Ok(o.to_plain_array_view::<f32>()?.iter().copied().collect()))
