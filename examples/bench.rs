@@ -46,10 +46,10 @@ fn main() -> Result<()> {
 
     // 1. decode + resize alone, over every image.
     let bytes: Vec<Vec<u8>> = keys.iter().map(|k| source.read(k)).collect::<Result<_, _>>()?;
-    let onnxruntime = flag("--backend").is_some_and(|b| b == "onnxruntime");
+    let use_ort = flag("--backend").is_some_and(|b| b == "onnxruntime");
     let config = EmbedConfig {
         model: model.clone(),
-        backend: if onnxruntime {
+        backend: if use_ort {
             fruits_dataflows::embed::Backend::Onnxruntime
         } else {
             fruits_dataflows::embed::Backend::Tract
@@ -95,7 +95,7 @@ fn main() -> Result<()> {
     let settings = work.path().join("settings.toml");
     std::fs::write(
         &settings,
-        if onnxruntime { "[embed]\nbackend = \"onnxruntime\"\n" } else { "" },
+        if use_ort { "[embed]\nbackend = \"onnxruntime\"\n" } else { "" },
     )?;
     let settings = settings.as_path();
     let total = keys.len() as f64;
