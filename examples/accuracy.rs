@@ -15,9 +15,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Result;
 use fruits_dataflows::classify::{ClassifyConfig, Classifier, Method};
 use fruits_dataflows::embed::Embedder;
-use fruits_dataflows::record::{ImageKey, ImageRow};
+use fruits_dataflows::record::ImageRow;
 use fruits_dataflows::source::{LocalDir, Source};
-use fruits_dataflows::state::{stored_rows, Checkpoint};
+use fruits_dataflows::state::{live_rows, load_committed};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -25,17 +25,11 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(args.len() >= 2, "usage: accuracy TRAINED_OUTPUT TEST_DIR");
     let store = fruits_dataflows::sink::open(&args[0], &Default::default())?;
-    let checkpoint = Checkpoint::load(store.as_ref())?.expect("a committed output");
-    let root = format!("{}/", checkpoint.source);
-    let rows: Vec<ImageRow> = stored_rows(
-        store.as_ref(),
-        &checkpoint,
-        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
-        |_| true,
-    )?
-    .into_iter()
-    .map(|(r, _)| r)
-    .collect();
+    let checkpoint = load_committed(store.as_ref())?;
+    let rows: Vec<ImageRow> = live_rows(store.as_ref(), &checkpoint)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
     let mut embedder = Embedder::load(&checkpoint.embed, &Default::default())?;
     let test = LocalDir::open(&args[1])?;
     let started = Instant::now();

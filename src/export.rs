@@ -3,17 +3,14 @@
 
 use anyhow::{Context, Result};
 use fruits_dataflows::io::S3Config;
-use fruits_dataflows::record::ImageKey;
 use fruits_dataflows::sink::parquet::{encode_export, ExportRow};
 use fruits_dataflows::sink::{self, models::status, OutputStore};
-use fruits_dataflows::state::{stored_rows, Checkpoint};
+use fruits_dataflows::state::{live_rows, load_committed, Checkpoint};
 use std::path::Path;
 
 fn load(output: &str, s3: &S3Config) -> Result<(Box<dyn OutputStore>, Checkpoint)> {
     let store = sink::open(output, s3)?;
-    let checkpoint = Checkpoint::load(store.as_ref())?.with_context(|| {
-        format!("{output} holds no committed state; run `fruits-flow run --output {output}` first")
-    })?;
+    let checkpoint = load_committed(store.as_ref())?;
     Ok((store, checkpoint))
 }
 
@@ -30,13 +27,7 @@ pub fn export(
     parquet_path: Option<&Path>,
 ) -> Result<usize> {
     let (store, checkpoint) = load(output, s3)?;
-    let root = format!("{}/", checkpoint.source);
-    let rows = stored_rows(
-        store.as_ref(),
-        &checkpoint,
-        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
-        |_| true,
-    )?;
+    let rows = live_rows(store.as_ref(), &checkpoint)?;
     let models = &checkpoint.models;
     let pca = models
         .pca

@@ -4,9 +4,8 @@
 //! per label over the epochs. No model runs here.
 
 use anyhow::{Context, Result};
-use fruits_dataflows::record::ImageKey;
 use fruits_dataflows::sink::OutputStore;
-use fruits_dataflows::state::{stored_rows, Checkpoint};
+use fruits_dataflows::state::{live_rows, load_committed, Checkpoint};
 use fruits_dataflows::stats::PcaModel;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
@@ -63,25 +62,13 @@ pub struct Report {
 pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Result<Report> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| anyhow::anyhow!("the embedded font is invalid"))?;
-    let checkpoint = Checkpoint::load(store)?.with_context(|| {
-        format!(
-            "{} holds no committed state; run `fruits-flow run --output {}` first",
-            store.location(),
-            store.location()
-        )
-    })?;
+    let checkpoint = load_committed(store)?;
     let pca = checkpoint
         .models
         .pca
         .as_ref()
         .context("no PCA model yet: the output holds fewer than two images")?;
-    let root = format!("{}/", checkpoint.source);
-    let rows = stored_rows(
-        store,
-        &checkpoint,
-        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
-        |_| true,
-    )?;
+    let rows = live_rows(store, &checkpoint)?;
     let labels: Vec<String> = checkpoint.labels.keys().cloned().collect();
     let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
     let projected = pca.project_many(&raw);

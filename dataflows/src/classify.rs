@@ -216,23 +216,11 @@ pub fn load(
     store: &dyn crate::sink::OutputStore,
     config: &ClassifyConfig,
 ) -> Result<(Checkpoint, Classifier)> {
-    let checkpoint = Checkpoint::load(store)?.with_context(|| {
-        format!(
-            "{} holds no committed state; run `fruits-flow run --output {}` first",
-            store.location(),
-            store.location()
-        )
-    })?;
-    let root = format!("{}/", checkpoint.source);
-    let rows: Vec<ImageRow> = crate::state::stored_rows(
-        store,
-        &checkpoint,
-        |p| p.strip_prefix(&root).map(|k| crate::record::ImageKey(k.into())),
-        |_| true,
-    )?
-    .into_iter()
-    .map(|(row, _)| row)
-    .collect();
+    let checkpoint = crate::state::load_committed(store)?;
+    let rows: Vec<ImageRow> = crate::state::live_rows(store, &checkpoint)?
+        .into_iter()
+        .map(|(row, _)| row)
+        .collect();
     let classifier = Classifier::new(&checkpoint, &rows, config.clone())?;
     Ok((checkpoint, classifier))
 }

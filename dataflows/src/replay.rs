@@ -3,11 +3,11 @@
 //! checks), the PCA, and a KMeans fitted over all live images at once. Use it to verify
 //! an output, or to refit with other `[pca]`/`[kmeans]` settings.
 
-use crate::record::{ImageKey, ImageRow};
+use crate::record::ImageRow;
 use crate::sink::OutputStore;
-use crate::state::{stored_rows, Checkpoint};
+use crate::state::{live_rows, load_committed, Checkpoint};
 use crate::stats::{KMeansConfig, Models, MomentsAccumulator, PcaConfig};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::time::Instant;
 
 /// What a replay rebuilt, and how long each part took.
@@ -32,20 +32,12 @@ pub struct Replay {
 
 /// Rebuilds the statistics of `store`'s committed state.
 pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -> Result<Replay> {
-    let checkpoint = Checkpoint::load(store)?.with_context(|| {
-        format!("{} holds no committed state to replay", store.location())
-    })?;
+    let checkpoint = load_committed(store)?;
     let started = Instant::now();
-    let root = format!("{}/", checkpoint.source);
-    let rows: Vec<ImageRow> = stored_rows(
-        store,
-        &checkpoint,
-        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
-        |_| true,
-    )?
-    .into_iter()
-    .map(|(row, _)| row)
-    .collect();
+    let rows: Vec<ImageRow> = live_rows(store, &checkpoint)?
+        .into_iter()
+        .map(|(row, _)| row)
+        .collect();
     let read_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();

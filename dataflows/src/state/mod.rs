@@ -193,6 +193,32 @@ pub fn stored_rows(
     Ok(out)
 }
 
+/// The last committed checkpoint, or a clear error naming the output when there is none.
+pub fn load_committed(store: &dyn OutputStore) -> Result<Checkpoint> {
+    Checkpoint::load(store)?.with_context(|| {
+        format!(
+            "{} holds no committed state; run `fruits-flow run --output {}` first",
+            store.location(),
+            store.location()
+        )
+    })
+}
+
+/// Every live image of a committed state, read back from the stored embeddings (keys
+/// are the stored paths relative to the checkpoint's source), in key order.
+pub fn live_rows(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
+    let root = format!("{}/", checkpoint.source);
+    stored_rows(
+        store,
+        checkpoint,
+        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
+        |_| true,
+    )
+}
+
 /// Removes embeddings files of epochs after the checkpoint: a crashed run's uncommitted
 /// work, which the resumed run redoes.
 pub fn discard_uncommitted(store: &dyn OutputStore, checkpoint_epoch: Epoch) -> Result<usize> {
