@@ -13,7 +13,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Result;
-use fruits_dataflows::classify::{ClassifyConfig, Classifier, Method};
+use fruits_dataflows::classify::{Classifier, ClassifyConfig, Method};
 use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::record::ImageRow;
 use fruits_dataflows::source::{LocalDir, Source};
@@ -49,9 +49,23 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64(),
         checkpoint.models.pca.as_ref().map_or(0, |p| p.k)
     );
-    let mut variants = vec![("nearest_mean".to_string(), ClassifyConfig { method: Method::NearestMean, neighbours: 1, top: 3 })];
+    let mut variants = vec![(
+        "nearest_mean".to_string(),
+        ClassifyConfig {
+            method: Method::NearestMean,
+            neighbours: 1,
+            top: 3,
+        },
+    )];
     for m in [1, 3, 5, 10] {
-        variants.push((format!("knn, {m} per label"), ClassifyConfig { method: Method::Knn, neighbours: m, top: 3 }));
+        variants.push((
+            format!("knn, {m} per label"),
+            ClassifyConfig {
+                method: Method::Knn,
+                neighbours: m,
+                top: 3,
+            },
+        ));
     }
     println!("| classifier | top-1 | top-3 | ms/query |");
     println!("|---|---|---|---|");
@@ -67,7 +81,9 @@ fn main() -> Result<()> {
             top1 += (p.labels[0].label == *label) as usize;
             top3 += p.labels.iter().take(3).any(|l| l.label == *label) as usize;
             if is_default {
-                *confusion.entry((label.clone(), p.labels[0].label.clone())).or_default() += 1;
+                *confusion
+                    .entry((label.clone(), p.labels[0].label.clone()))
+                    .or_default() += 1;
             }
         }
         let n = tests.len() as f64;

@@ -31,7 +31,11 @@ use std::time::{Duration, Instant};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let images = PathBuf::from(args.first().map_or("../shared/fruits360/Training", |s| s));
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
     let model = flag("--model")
         .map(PathBuf::from)
         .unwrap_or_else(|| EmbedConfig::default().model);
@@ -45,7 +49,10 @@ fn main() -> Result<()> {
     println!("model: {}", model.display());
 
     // 1. decode + resize alone, over every image.
-    let bytes: Vec<Vec<u8>> = keys.iter().map(|k| source.read(k)).collect::<Result<_, _>>()?;
+    let bytes: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| source.read(k))
+        .collect::<Result<_, _>>()?;
     let use_ort = flag("--backend").is_some_and(|b| b == "onnxruntime");
     let config = EmbedConfig {
         model: model.clone(),
@@ -64,7 +71,9 @@ fn main() -> Result<()> {
     let mut tensors = Vec::with_capacity(bytes.len());
     for b in &bytes {
         let mut t = Vec::new();
-        embedder.preprocess().tensor_into(&decode(b, &DecodeConfig::default())?, &mut t);
+        embedder
+            .preprocess()
+            .tensor_into(&decode(b, &DecodeConfig::default())?, &mut t);
         tensors.push(t);
     }
     let decode_rate = bytes.len() as f64 / started.elapsed().as_secs_f64();
@@ -80,11 +89,19 @@ fn main() -> Result<()> {
         embedder.run_tensor(t)?;
     }
     let tract_1 = n as f64 / started.elapsed().as_secs_f64();
-    println!("embed alone ({:?}, 1 thread, batch 1, {n} images): {tract_1:.1} images/s ({:.2} ms/image)", config.backend, 1000.0 / tract_1);
+    println!(
+        "embed alone ({:?}, 1 thread, batch 1, {n} images): {tract_1:.1} images/s ({:.2} ms/image)",
+        config.backend,
+        1000.0 / tract_1
+    );
     drop(tensors);
 
     // 3. onnxruntime on the same file and images.
-    let ort = if skip("--skip-ort") { None } else { onnxruntime(&model, &images, n) };
+    let ort = if skip("--skip-ort") {
+        None
+    } else {
+        onnxruntime(&model, &images, n)
+    };
     if let Some((one, two)) = ort {
         println!("onnxruntime (Python), 1 thread: {one:.1} images/s; 2 threads: {two:.1} images/s");
         println!("this backend / onnxruntime (Python), 1 thread: {:.2} (tract per-image time is {:.2}x onnxruntime's)", tract_1 / one, one / tract_1);
@@ -95,30 +112,48 @@ fn main() -> Result<()> {
     let settings = work.path().join("settings.toml");
     std::fs::write(
         &settings,
-        if use_ort { "[embed]\nbackend = \"onnxruntime\"\n" } else { "" },
+        if use_ort {
+            "[embed]\nbackend = \"onnxruntime\"\n"
+        } else {
+            ""
+        },
     )?;
     let settings = settings.as_path();
     let total = keys.len() as f64;
     if !skip("--skip-w1") {
         let (s, rss) = timed_run(&bin, &images, &work.path().join("w1"), &model, 1, settings)?;
-        println!("run --once -w 1: {s:.1} s, {:.1} images/s, peak RSS {:.0} MB", total / s, rss);
+        println!(
+            "run --once -w 1: {s:.1} s, {:.1} images/s, peak RSS {:.0} MB",
+            total / s,
+            rss
+        );
     }
     let out2 = work.path().join("w2");
     let (s2, rss2) = timed_run(&bin, &images, &out2, &model, 2, settings)?;
-    println!("run --once -w 2: {s2:.1} s, {:.1} images/s, peak RSS {:.0} MB", total / s2, rss2);
+    println!(
+        "run --once -w 2: {s2:.1} s, {:.1} images/s, peak RSS {:.0} MB",
+        total / s2,
+        rss2
+    );
     println!(
         "  whole pipeline at -w 2 / (2 x single-thread embed alone): {:.2}",
         total / s2 / (2.0 * tract_1)
     );
     if let Some((_, two)) = ort {
-        println!("  whole pipeline at -w 2 / onnxruntime 2 threads: {:.2}", total / s2 / two);
+        println!(
+            "  whole pipeline at -w 2 / onnxruntime 2 threads: {:.2}",
+            total / s2 / two
+        );
     }
 
     // 5. adding 100 images to a tailing pipeline over the rest.
     match incremental(&bin, &images, &keys, work.path(), &model, settings) {
         Ok((full, last)) => {
             println!("tailing: first {} images ingested in {full:.1} s; 100 more published {last:.2} s after landing", keys.len() - 100);
-            println!("  adding 100 images / full run --once -w 2: {:.1} %", 100.0 * last / s2);
+            println!(
+                "  adding 100 images / full run --once -w 2: {:.1} %",
+                100.0 * last / s2
+            );
         }
         Err(e) => println!("tailing measurement failed: {e:#}"),
     }
@@ -129,8 +164,15 @@ fn main() -> Result<()> {
         .args(["replay", "--output", out2.to_str().unwrap()])
         .output()?;
     let replay_s = started.elapsed().as_secs_f64();
-    anyhow::ensure!(replay.status.success(), "replay failed: {}", String::from_utf8_lossy(&replay.stderr));
-    println!("replay (process wall time, incl. start): {replay_s:.2} s, {:.0} images/s", total / replay_s);
+    anyhow::ensure!(
+        replay.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    println!(
+        "replay (process wall time, incl. start): {replay_s:.2} s, {:.0} images/s",
+        total / replay_s
+    );
     for line in String::from_utf8_lossy(&replay.stdout).lines() {
         println!("  replay: {line}");
     }
@@ -145,7 +187,11 @@ fn binary() -> Result<PathBuf> {
         .and_then(Path::parent)
         .map(|d| d.join("fruits-flow"))
         .context("locating target dir")?;
-    anyhow::ensure!(bin.exists(), "{} is missing: run `cargo build --release` first", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` first",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -156,7 +202,10 @@ fn binary() -> Result<PathBuf> {
 /// the child inherits at fork, before its exec).
 fn measure(command: &mut Command) -> Result<(f64, f64)> {
     let started = Instant::now();
-    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let status_file = format!("/proc/{}/status", child.id());
     let mut peak_kb = 0u64;
     let status = loop {
@@ -179,7 +228,14 @@ fn measure(command: &mut Command) -> Result<(f64, f64)> {
     Ok((seconds, peak_kb as f64 / 1024.0))
 }
 
-fn timed_run(bin: &Path, images: &Path, out: &Path, model: &Path, workers: usize, settings: &Path) -> Result<(f64, f64)> {
+fn timed_run(
+    bin: &Path,
+    images: &Path,
+    out: &Path,
+    model: &Path,
+    workers: usize,
+    settings: &Path,
+) -> Result<(f64, f64)> {
     measure(
         Command::new(bin)
             .args(["run", "--once", "-w", &workers.to_string(), "--source"])
@@ -210,7 +266,11 @@ fn incremental(
     let base = std::fs::read_to_string(settings)?;
     std::fs::write(&config, format!("{base}[source]\npoll_interval_ms = 250\n"))?;
     // Every 51st image is held back, so the late ones spread over the labels.
-    let late: Vec<_> = keys.iter().step_by((keys.len() / 100).max(1)).take(100).collect();
+    let late: Vec<_> = keys
+        .iter()
+        .step_by((keys.len() / 100).max(1))
+        .take(100)
+        .collect();
     for key in keys {
         let to = source.join(&key.0);
         std::fs::create_dir_all(to.parent().unwrap())?;
@@ -259,7 +319,10 @@ fn wait_images(out: &Path, n: usize) -> Result<()> {
                 return Ok(());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {n} images");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} images"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -282,7 +345,10 @@ fn onnxruntime(model: &Path, images: &Path, n: usize) -> Option<(f64, f64)> {
             return None;
         }
     };
-    let last = String::from_utf8_lossy(&out.stdout).lines().last()?.to_string();
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .to_string();
     let v: serde_json::Value = serde_json::from_str(&last).ok()?;
     Some((v["threads"]["1"].as_f64()?, v["threads"]["2"].as_f64()?))
 }

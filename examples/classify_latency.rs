@@ -21,9 +21,17 @@ fn main() -> anyhow::Result<()> {
         .and_then(|d| d.parent())
         .map(|d| d.join("fruits-flow"))
         .expect("target dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut server = Command::new(bin)
-        .args(["serve", "--output", &output, "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--output",
+            &output,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stderr(Stdio::null())
         .spawn()?;
     let body = std::fs::read(&image)?;

@@ -31,7 +31,9 @@ fn main() -> anyhow::Result<()> {
         .map(|k| source.read(k))
         .collect::<Result<_, _>>()?;
     let config = EmbedConfig {
-        model: std::env::args().nth(3).map_or(EmbedConfig::default().model, Into::into),
+        model: std::env::args()
+            .nth(3)
+            .map_or(EmbedConfig::default().model, Into::into),
         transforms: std::env::args().nth(4).map(|t| vec![t]).unwrap_or_default(),
         ..EmbedConfig::default()
     };

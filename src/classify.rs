@@ -59,6 +59,10 @@ pub fn run(args: &ClassifyArgs, s3: &S3Config, mut config: ClassifyConfig) -> Re
             }
         }
     }
-    anyhow::ensure!(failed == 0, "{failed} of {} images could not be classified", args.images.len());
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} images could not be classified",
+        args.images.len()
+    );
     Ok(())
 }

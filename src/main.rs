@@ -49,7 +49,13 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Serve(args) => {
             let (s3, pipeline) = settings(&args.out)?;
-            let options = serve_options(&args.out.output, s3, args.listen, pipeline, args.model.clone());
+            let options = serve_options(
+                &args.out.output,
+                s3,
+                args.listen,
+                pipeline,
+                args.model.clone(),
+            );
             serve::serve(options, Arc::new(AtomicBool::new(false)))
         }
         Command::Report(args) => {
@@ -92,7 +98,12 @@ fn s3_config(
 }
 
 /// The pipeline settings of a command that reads an output, with the S3 flags applied.
-fn settings(out: &cli::OutputArgs) -> Result<(fruits_dataflows::io::S3Config, fruits_dataflows::PipelineConfig)> {
+fn settings(
+    out: &cli::OutputArgs,
+) -> Result<(
+    fruits_dataflows::io::S3Config,
+    fruits_dataflows::PipelineConfig,
+)> {
     let mut pipeline = match out.config.as_deref() {
         Some(p) => config::load(p)?.pipeline,
         None => Default::default(),
@@ -121,38 +132,77 @@ fn serve_options(
     }
 }
 
-fn replay(output: &str, s3: &fruits_dataflows::io::S3Config, pipeline: &fruits_dataflows::PipelineConfig) -> Result<()> {
+fn replay(
+    output: &str,
+    s3: &fruits_dataflows::io::S3Config,
+    pipeline: &fruits_dataflows::PipelineConfig,
+) -> Result<()> {
     let store = fruits_dataflows::sink::open(output, s3)?;
     let started = std::time::Instant::now();
     let r = fruits_dataflows::replay::replay(store.as_ref(), &pipeline.pca, &pipeline.kmeans)?;
     let total = started.elapsed().as_secs_f64();
     let n = r.images as f64;
     println!("images: {}", r.images);
-    println!("read stored embeddings: {:.3} s ({:.0} images/s)", r.read_s, n / r.read_s.max(1e-9));
-    println!("exact moments: {:.3} s ({:.0} images/s)", r.moments_s, n / r.moments_s.max(1e-9));
+    println!(
+        "read stored embeddings: {:.3} s ({:.0} images/s)",
+        r.read_s,
+        n / r.read_s.max(1e-9)
+    );
+    println!(
+        "exact moments: {:.3} s ({:.0} images/s)",
+        r.moments_s,
+        n / r.moments_s.max(1e-9)
+    );
     println!("PCA fit (eigendecomposition, fixed cost): {:.3} s", r.pca_s);
     println!("KMeans fit: {:.3} s", r.kmeans_s);
-    println!("total: {:.3} s ({:.0} images/s)", total, n / total.max(1e-9));
+    println!(
+        "total: {:.3} s ({:.0} images/s)",
+        total,
+        n / total.max(1e-9)
+    );
     println!(
         "moments equal to the streamed state: {}",
-        if r.moments_identical { "yes, bit for bit" } else { "NO" }
+        if r.moments_identical {
+            "yes, bit for bit"
+        } else {
+            "NO"
+        }
     );
     if let Some(pca) = &r.models.pca {
-        println!("PCA: k = {} ({:.2} % variance)", pca.k, pca.explained_variance() * 100.0);
-        store.put("replay/models/scaler.json", &serde_json::to_vec(&pca.scaler)?)?;
-        store.put("replay/models/pca.json", &serde_json::to_vec(&serde_json::json!({
-            "epoch": r.checkpoint.epoch, "n": pca.n, "k": pca.k,
-            "explained_variance_ratio": pca.explained_variance_ratio,
-            "eigenvalues": pca.eigenvalues, "components": pca.components,
-        }))?)?;
-        store.put("replay/models/kmeans.json", &serde_json::to_vec(&serde_json::json!({
-            "epoch": r.checkpoint.epoch, "k": r.models.kmeans.centroids.len(),
-            "counts": r.models.kmeans.weights, "centroids": r.models.kmeans.centroids,
-            "centroids_pca": r.models.kmeans.projected_centroids(pca),
-        }))?)?;
-        println!("wrote {}/replay/models/{{scaler,pca,kmeans}}.json", store.location());
+        println!(
+            "PCA: k = {} ({:.2} % variance)",
+            pca.k,
+            pca.explained_variance() * 100.0
+        );
+        store.put(
+            "replay/models/scaler.json",
+            &serde_json::to_vec(&pca.scaler)?,
+        )?;
+        store.put(
+            "replay/models/pca.json",
+            &serde_json::to_vec(&serde_json::json!({
+                "epoch": r.checkpoint.epoch, "n": pca.n, "k": pca.k,
+                "explained_variance_ratio": pca.explained_variance_ratio,
+                "eigenvalues": pca.eigenvalues, "components": pca.components,
+            }))?,
+        )?;
+        store.put(
+            "replay/models/kmeans.json",
+            &serde_json::to_vec(&serde_json::json!({
+                "epoch": r.checkpoint.epoch, "k": r.models.kmeans.centroids.len(),
+                "counts": r.models.kmeans.weights, "centroids": r.models.kmeans.centroids,
+                "centroids_pca": r.models.kmeans.projected_centroids(pca),
+            }))?,
+        )?;
+        println!(
+            "wrote {}/replay/models/{{scaler,pca,kmeans}}.json",
+            store.location()
+        );
     }
-    anyhow::ensure!(r.moments_identical, "the rebuilt moments differ from the streamed state");
+    anyhow::ensure!(
+        r.moments_identical,
+        "the rebuilt moments differ from the streamed state"
+    );
     Ok(())
 }
 
@@ -193,7 +243,13 @@ fn run(args: RunArgs) -> Result<()> {
         single_process: args.cluster.processes == 1,
     };
     if let Some(listen) = args.serve.filter(|_| args.cluster.process == 0) {
-        let endpoint = serve_options(&options.output, options.pipeline.s3.clone(), listen, options.pipeline.clone(), args.model.clone());
+        let endpoint = serve_options(
+            &options.output,
+            options.pipeline.s3.clone(),
+            listen,
+            options.pipeline.clone(),
+            args.model.clone(),
+        );
         // The endpoint lives as long as the run: the process exit ends it.
         let stop = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()

@@ -94,7 +94,14 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
     draw_variance(&pngs[0], pca, variance_target).context("drawing variance.png")?;
     draw_scatter(&pngs[1], &points, &labels, k_clusters).context("drawing scatter.png")?;
     draw_history(&pngs[2], &checkpoint, &labels).context("drawing labels_over_time.png")?;
-    let page = page(&checkpoint, pca, &labels, &points, k_clusters, variance_target);
+    let page = page(
+        &checkpoint,
+        pca,
+        &labels,
+        &points,
+        k_clusters,
+        variance_target,
+    );
     std::fs::write(html, page).with_context(|| format!("writing {}", html.display()))?;
     Ok(Report {
         html: html.to_path_buf(),
@@ -131,7 +138,10 @@ fn draw_variance(path: &Path, pca: &PcaModel, target: f64) -> Result<()> {
         .draw()?;
     chart
         .draw_series(LineSeries::new(
-            cumulative.iter().enumerate().map(|(i, v)| (i as f64 + 1.0, *v)),
+            cumulative
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64 + 1.0, *v)),
             colour(0).stroke_width(3),
         ))?
         .label("cumulative")
@@ -193,18 +203,43 @@ fn draw_scatter(path: &Path, points: &[Point], labels: &[String], clusters: usiz
     let by_label: Vec<(String, Vec<[f64; 2]>)> = labels
         .iter()
         .enumerate()
-        .map(|(i, l)| (l.clone(), points.iter().filter(|p| p.label == i).map(|p| p.pc).collect()))
+        .map(|(i, l)| {
+            (
+                l.clone(),
+                points
+                    .iter()
+                    .filter(|p| p.label == i)
+                    .map(|p| p.pc)
+                    .collect(),
+            )
+        })
         .collect();
     let by_cluster: Vec<(String, Vec<[f64; 2]>)> = (0..clusters)
         .map(|c| {
             (
                 format!("cluster {c}"),
-                points.iter().filter(|p| p.cluster == Some(c)).map(|p| p.pc).collect(),
+                points
+                    .iter()
+                    .filter(|p| p.cluster == Some(c))
+                    .map(|p| p.pc)
+                    .collect(),
             )
         })
         .collect();
-    scatter_panel(&left, "PC1 × PC2, coloured by label", &by_label, x.clone(), y.clone())?;
-    scatter_panel(&right, "PC1 × PC2, coloured by KMeans cluster", &by_cluster, x, y)?;
+    scatter_panel(
+        &left,
+        "PC1 × PC2, coloured by label",
+        &by_label,
+        x.clone(),
+        y.clone(),
+    )?;
+    scatter_panel(
+        &right,
+        "PC1 × PC2, coloured by KMeans cluster",
+        &by_cluster,
+        x,
+        y,
+    )?;
     root.present()?;
     Ok(())
 }
@@ -283,11 +318,13 @@ fn draw_history(path: &Path, checkpoint: &Checkpoint, labels: &[String]) -> Resu
         .draw()?;
     for (i, label) in labels.iter().enumerate() {
         let c = colour(i);
-        chart.draw_series(
-            history
-                .iter()
-                .map(|h| Circle::new((h.epoch as f64, *h.labels.get(label).unwrap_or(&0) as f64), 3, c.filled())),
-        )?;
+        chart.draw_series(history.iter().map(|h| {
+            Circle::new(
+                (h.epoch as f64, *h.labels.get(label).unwrap_or(&0) as f64),
+                3,
+                c.filled(),
+            )
+        }))?;
         let series = chart.draw_series(LineSeries::new(
             history
                 .iter()
@@ -295,9 +332,9 @@ fn draw_history(path: &Path, checkpoint: &Checkpoint, labels: &[String]) -> Resu
             c.stroke_width(2),
         ))?;
         if i < PALETTE.len() {
-            series
-                .label(label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            series.label(label.as_str()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+            });
         }
     }
     chart
@@ -312,7 +349,10 @@ fn draw_history(path: &Path, checkpoint: &Checkpoint, labels: &[String]) -> Resu
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn page(
@@ -336,12 +376,18 @@ fn page(
     }
     rows.push_str("<th>total</th></tr>\n");
     for c in 0..clusters {
-        let total: usize = (0..labels.len()).map(|l| table.get(&(c, l)).copied().unwrap_or(0)).sum();
+        let total: usize = (0..labels.len())
+            .map(|l| table.get(&(c, l)).copied().unwrap_or(0))
+            .sum();
         rows.push_str(&format!("<tr><th>{c}</th>"));
         for l in 0..labels.len() {
             let n = table.get(&(c, l)).copied().unwrap_or(0);
             // Shade by the share of the cluster, so a pure cluster reads at a glance.
-            let share = if total > 0 { n as f64 / total as f64 } else { 0.0 };
+            let share = if total > 0 {
+                n as f64 / total as f64
+            } else {
+                0.0
+            };
             rows.push_str(&format!(
                 "<td style=\"background: rgba(31,119,180,{:.2})\">{}</td>",
                 share * 0.8,

@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fruits_dataflows::classify::{self, ClassifyConfig, Classifier};
+use fruits_dataflows::classify::{self, Classifier, ClassifyConfig};
 use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::io::S3Config;
 use fruits_dataflows::metrics::metrics;
@@ -120,7 +120,12 @@ async fn serve_async(options: ServeOptions, stop: Arc<AtomicBool>) -> Result<()>
         )
         .route("/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint: use POST /classify, GET /status or GET /metrics") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: use POST /classify, GET /status or GET /metrics",
+            )
+        })
         .layer(DefaultBodyLimit::max(options.max_body))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -144,8 +149,16 @@ impl App {
         let requests = Family::<Vec<(String, String)>, Counter>::default();
         let latency = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let r = registry.sub_registry_with_prefix("fruits");
-        r.register("http_requests", "HTTP requests by endpoint and status", requests.clone());
-        r.register("classify_seconds", "Time to classify one image", latency.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
+        r.register(
+            "classify_seconds",
+            "Time to classify one image",
+            latency.clone(),
+        );
         App {
             live: RwLock::new(None),
             registry,
@@ -177,28 +190,47 @@ async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions
         let pointer = tokio::task::spawn_blocking(move || store2.get("state/CURRENT")).await;
         match pointer {
             Ok(Ok(Some(p))) if seen.as_ref() != Some(&p) => {
-                let (store2, options2, previous) = (store.clone(), options.clone(), embedder.clone());
-                let loaded = tokio::task::spawn_blocking(move || load_live(store2.as_ref(), &options2, previous)).await;
+                let (store2, options2, previous) =
+                    (store.clone(), options.clone(), embedder.clone());
+                let loaded = tokio::task::spawn_blocking(move || {
+                    load_live(store2.as_ref(), &options2, previous)
+                })
+                .await;
                 match loaded {
                     Ok(Ok(live)) => {
-                        tracing::info!(stage = "serve", epoch = live.checkpoint.epoch, images = live.classifier.len(),
-                            labels = live.classifier.labels().len(), "Models loaded.");
+                        tracing::info!(
+                            stage = "serve",
+                            epoch = live.checkpoint.epoch,
+                            images = live.classifier.len(),
+                            labels = live.classifier.labels().len(),
+                            "Models loaded."
+                        );
                         embedder = Some(live.acquire());
                         *app.live.write().expect("lock") = Some(Arc::new(live));
                         seen = Some(p);
                     }
-                    Ok(Err(e)) => tracing::warn!(stage = "serve", error = %format!("{e:#}"), "Models not loaded; retrying."),
-                    Err(e) => tracing::error!(stage = "serve", error = %e, "Model loader panicked; retrying."),
+                    Ok(Err(e)) => {
+                        tracing::warn!(stage = "serve", error = %format!("{e:#}"), "Models not loaded; retrying.")
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = "serve", error = %e, "Model loader panicked; retrying.")
+                    }
                 }
             }
-            Ok(Err(e)) => tracing::warn!(stage = "serve", error = %format!("{e:#}"), "Reading the output failed; retrying."),
+            Ok(Err(e)) => {
+                tracing::warn!(stage = "serve", error = %format!("{e:#}"), "Reading the output failed; retrying.")
+            }
             _ => {}
         }
         tokio::time::sleep(options.reload_every).await;
     }
 }
 
-fn load_live(store: &dyn OutputStore, options: &ServeOptions, embedder: Option<Embedder>) -> Result<Live> {
+fn load_live(
+    store: &dyn OutputStore,
+    options: &ServeOptions,
+    embedder: Option<Embedder>,
+) -> Result<Live> {
     let (checkpoint, classifier) = classify::load(store, &options.classify)?;
     let embedder = match embedder {
         Some(e) => e,
@@ -217,7 +249,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn classify_handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn classify_handler(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let response = classify_request(&app, &headers, body).await;
     app.count("classify", response.status());
@@ -233,7 +269,12 @@ async fn classify_request(app: &App, headers: &HeaderMap, body: Bytes) -> Respon
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let accepted = ["image/jpeg", "image/jpg", "application/octet-stream"];
-    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if !accepted.contains(&mime.as_str()) {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -244,10 +285,16 @@ async fn classify_request(app: &App, headers: &HeaderMap, body: Bytes) -> Respon
         return error(StatusCode::BAD_REQUEST, "empty body: send the JPEG bytes");
     }
     if !body.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "body is not a JPEG image (no JPEG signature)");
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "body is not a JPEG image (no JPEG signature)",
+        );
     }
     let Some(live) = app.current() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no models yet: the output has no committed state");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no models yet: the output has no committed state",
+        );
     };
     let result = tokio::task::spawn_blocking(move || {
         let mut embedder = live.acquire();
@@ -260,7 +307,10 @@ async fn classify_request(app: &App, headers: &HeaderMap, body: Bytes) -> Respon
     .await;
     match result {
         Ok(Ok(prediction)) => (StatusCode::OK, Json(prediction)).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("{} image: {}", e.kind.as_str(), e.reason)),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{} image: {}", e.kind.as_str(), e.reason),
+        ),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "classification failed"),
     }
 }
@@ -294,9 +344,19 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
         }
     }
     if let Err(e) = encode(&mut text, &app.registry) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}"));
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        );
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Gauges of a loaded state, unused until the first load.

@@ -118,7 +118,11 @@ fn matches_reference(model: std::path::PathBuf, size: u32) {
         .zip(&reference)
         .map(|(a, b)| (*a as f64 - b).abs())
         .fold(0.0, f64::max);
-    assert_eq!(embedder.preprocess().size, size, "the model declares its input size");
+    assert_eq!(
+        embedder.preprocess().size,
+        size,
+        "the model declares its input size"
+    );
     eprintln!("{size}x{size}: max |tract - reference| = {max:e}");
     assert!(
         max < 1e-4,
@@ -151,14 +155,20 @@ fn onnxruntime_backend_matches_tract() {
             for f in images(&label.unwrap().path(), 10) {
                 let img = decode(&std::fs::read(&f).unwrap(), &DecodeConfig::default()).unwrap();
                 a.preprocess().tensor_into(&img, &mut tensor);
-                let (x, y) = (a.run_tensor(&tensor).unwrap(), b.run_tensor(&tensor).unwrap());
+                let (x, y) = (
+                    a.run_tensor(&tensor).unwrap(),
+                    b.run_tensor(&tensor).unwrap(),
+                );
                 assert_eq!(x[0].len(), y[0].len());
                 for (p, q) in x[0].iter().zip(&y[0]) {
                     max = max.max((p - q).abs() as f64);
                 }
             }
         }
-        eprintln!("{}: max |tract - onnxruntime| = {max:e}", tract.model.display());
+        eprintln!(
+            "{}: max |tract - onnxruntime| = {max:e}",
+            tract.model.display()
+        );
         assert!(max < 1e-4, "backends differ by {max}");
     }
 }

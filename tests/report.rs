@@ -9,7 +9,11 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
     let config = out.path().join("pipeline.toml");
     // Several epochs, so "images per label over time" has a history to draw.
     std::fs::write(&config, "[source]\nepoch_size = 12\n").unwrap();
-    run_once(&fixtures(), out.path(), &["--config", config.to_str().unwrap()]);
+    run_once(
+        &fixtures(),
+        out.path(),
+        &["--config", config.to_str().unwrap()],
+    );
     let pages = tempfile::tempdir().unwrap();
     let html = pages.path().join("site/index.html");
     let result = bin()
@@ -17,7 +21,11 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
         .arg(&html)
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 
     for (name, size) in [
         ("variance.png", (1000, 600)),
@@ -26,7 +34,10 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
     ] {
         let path = html.parent().unwrap().join(name);
         let bytes = std::fs::read(&path).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{name} is not a PNG");
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{name} is not a PNG"
+        );
         let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
             .unwrap_or_else(|e| panic!("{name} does not decode: {e}"))
             .to_rgb8();
@@ -35,7 +46,11 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
         let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
         colours.sort();
         colours.dedup();
-        assert!(colours.len() > 20, "{name} has only {} colours", colours.len());
+        assert!(
+            colours.len() > 20,
+            "{name} has only {} colours",
+            colours.len()
+        );
     }
 
     let page = std::fs::read_to_string(&html).unwrap();
@@ -57,7 +72,9 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
         .filter(|l| l.starts_with("<tr><th>") && !l.contains("cluster \\ label"))
         .map(|l| {
             let cell = l.rsplit("<td>").next().unwrap();
-            cell.trim_end_matches("</td></tr>").parse::<usize>().unwrap()
+            cell.trim_end_matches("</td></tr>")
+                .parse::<usize>()
+                .unwrap()
         })
         .sum();
     assert_eq!(totals, 40);

@@ -101,7 +101,13 @@ fn classify_command_names_fixture_fruits_and_reports_bad_files() {
     std::fs::write(&bad, b"hello").unwrap();
     let images = [fixture("Banana 1", 3), fixture("Kiwi 1", 8)];
     let result = bin()
-        .args(["classify", "--json", "--output", out.path().to_str().unwrap(), "--model"])
+        .args([
+            "classify",
+            "--json",
+            "--output",
+            out.path().to_str().unwrap(),
+            "--model",
+        ])
         .arg(model())
         .args(&images)
         .arg(&bad)
@@ -109,7 +115,10 @@ fn classify_command_names_fixture_fruits_and_reports_bad_files() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&result.stdout);
     let stderr = String::from_utf8_lossy(&result.stderr);
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{stdout}\n{stderr}");
     for (line, label) in lines.iter().zip(["Banana 1", "Kiwi 1"]) {
         assert_eq!(line["labels"][0]["label"], label, "{line}");
@@ -117,7 +126,10 @@ fn classify_command_names_fixture_fruits_and_reports_bad_files() {
         assert!(line["cluster"].as_u64().unwrap() < 10);
         assert_eq!(line["model_epoch"], status(out.path())["epoch"]);
     }
-    assert!(!result.status.success(), "a bad image must fail the command");
+    assert!(
+        !result.status.success(),
+        "a bad image must fail the command"
+    );
     assert!(stderr.contains("not-a-photo.jpg"), "{stderr}");
 }
 
@@ -131,7 +143,11 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
 
     // A real photo of each label is named correctly.
     for label in ["Apple Golden 1", "Banana 1", "Kiwi 1", "Strawberry 1"] {
-        let (status, body) = post(port, "image/jpeg", &std::fs::read(fixture(label, 5)).unwrap());
+        let (status, body) = post(
+            port,
+            "image/jpeg",
+            &std::fs::read(fixture(label, 5)).unwrap(),
+        );
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["labels"][0]["label"], label, "{body}");
         let score = body["labels"][0]["score"].as_f64().unwrap();
@@ -145,22 +161,48 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
     let png = {
         let mut bytes = Vec::new();
         image::RgbImage::new(8, 8)
-            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
             .unwrap();
         bytes
     };
     let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
         ("empty body", "image/jpeg", Vec::new(), 400),
-        ("text body", "image/jpeg", b"this is not a photo".to_vec(), 415),
+        (
+            "text body",
+            "image/jpeg",
+            b"this is not a photo".to_vec(),
+            415,
+        ),
         ("PNG body", "image/jpeg", png, 415),
-        ("wrong content type", "application/json", b"{}".to_vec(), 415),
-        ("truncated JPEG", "image/jpeg", jpeg[..jpeg.len() / 3].to_vec(), 422),
-        ("JPEG signature then garbage", "image/jpeg", [&[0xFF, 0xD8, 0xFF][..], &[7u8; 500]].concat(), 422),
+        (
+            "wrong content type",
+            "application/json",
+            b"{}".to_vec(),
+            415,
+        ),
+        (
+            "truncated JPEG",
+            "image/jpeg",
+            jpeg[..jpeg.len() / 3].to_vec(),
+            422,
+        ),
+        (
+            "JPEG signature then garbage",
+            "image/jpeg",
+            [&[0xFF, 0xD8, 0xFF][..], &[7u8; 500]].concat(),
+            422,
+        ),
     ];
     for (what, content_type, body, expected) in cases {
         let (status, answer) = post(port, content_type, &body);
         assert_eq!(status, expected, "{what}: {answer}");
-        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {answer}"
+        );
     }
     let (status, _) = get(port, "/nowhere").unwrap();
     assert_eq!(status, 404);
@@ -172,9 +214,13 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
     // Garbage of every shape never gets a 5xx, and the endpoint still answers after it.
     let mut seed = 12345u64;
     for i in 0..150 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let len = (seed >> 40) as usize % 3000;
-        let mut body: Vec<u8> = (0..len).map(|j| ((seed >> (j % 56)) as u8) ^ j as u8).collect();
+        let mut body: Vec<u8> = (0..len)
+            .map(|j| ((seed >> (j % 56)) as u8) ^ j as u8)
+            .collect();
         if i % 2 == 0 {
             // Keep real JPEG headers and corrupt what follows.
             body = [&jpeg[..jpeg.len().min(200 + len)], &body[..]].concat();
@@ -195,7 +241,10 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
         let _ = s.read_to_end(&mut reply);
     }
     let (status, body) = post(port, "image/jpeg", &jpeg);
-    assert_eq!((status, body["labels"][0]["label"].as_str()), (200, Some("Kiwi 1")));
+    assert_eq!(
+        (status, body["labels"][0]["label"].as_str()),
+        (200, Some("Kiwi 1"))
+    );
 
     // Status and metrics.
     let (status, body) = get(port, "/status").unwrap();
@@ -205,8 +254,14 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
     let (status, metrics) = get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("fruits_state_images 40"), "{metrics}");
-    assert!(metrics.contains("fruits_http_requests_total{endpoint=\"classify\",status=\"415\"}"), "{metrics}");
-    assert!(metrics.contains("fruits_classify_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("fruits_http_requests_total{endpoint=\"classify\",status=\"415\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fruits_classify_seconds_count"),
+        "{metrics}"
+    );
 }
 
 /// Sends a JPEG POST over a raw socket, writing the body from another thread; returns
@@ -241,42 +296,77 @@ fn a_new_label_folder_becomes_answerable_inside_a_running_pipeline() {
     copy_fixtures(source.path(), 0..10);
     // Hold one label back: it arrives while the pipeline runs.
     let held = tempfile::tempdir().unwrap();
-    std::fs::rename(source.path().join("Strawberry 1"), held.path().join("Strawberry 1")).unwrap();
+    std::fs::rename(
+        source.path().join("Strawberry 1"),
+        held.path().join("Strawberry 1"),
+    )
+    .unwrap();
     let settings = tempfile::tempdir().unwrap();
     let config = tail_config(&settings.path().join("tail.toml"), 300, 64).to_path_buf();
     let port = free_port();
     let _run = Guard(
-        run_command(source.path().to_str().unwrap(), out.path().to_str().unwrap(), false)
-            .args(["--config", config.to_str().unwrap(), "--serve", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        run_command(
+            source.path().to_str().unwrap(),
+            out.path().to_str().unwrap(),
+            false,
+        )
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--serve",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     wait_ready(port);
-    let strawberry = std::fs::read(held.path().join("Strawberry 1").join(
-        std::fs::read_dir(held.path().join("Strawberry 1")).unwrap().next().unwrap().unwrap().file_name(),
-    ))
+    let strawberry = std::fs::read(
+        held.path().join("Strawberry 1").join(
+            std::fs::read_dir(held.path().join("Strawberry 1"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .file_name(),
+        ),
+    )
     .unwrap();
     let (status, before) = post(port, "image/jpeg", &strawberry);
     assert_eq!(status, 200);
     assert_ne!(before["labels"][0]["label"], "Strawberry 1");
 
     // The folder lands; without any restart the endpoint learns the label.
-    std::fs::rename(held.path().join("Strawberry 1"), source.path().join("Strawberry 1")).unwrap();
+    std::fs::rename(
+        held.path().join("Strawberry 1"),
+        source.path().join("Strawberry 1"),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (status, answer) = post(port, "image/jpeg", &strawberry);
         if status == 200 && answer["labels"][0]["label"] == "Strawberry 1" {
-            assert!(answer["model_epoch"].as_u64().unwrap() > before["model_epoch"].as_u64().unwrap());
+            assert!(
+                answer["model_epoch"].as_u64().unwrap() > before["model_epoch"].as_u64().unwrap()
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "the new label never became answerable: {answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the new label never became answerable: {answer}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let (_, metrics) = get(port, "/metrics").unwrap();
-    assert!(metrics.contains("fruits_images_ingested_total 40"), "{metrics}");
-    assert!(metrics.contains("fruits_stage_seconds_total{stage=\"embed\"}"), "{metrics}");
+    assert!(
+        metrics.contains("fruits_images_ingested_total 40"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fruits_stage_seconds_total{stage=\"embed\"}"),
+        "{metrics}"
+    );
     assert!(metrics.contains("fruits_changes_pending 0"), "{metrics}");
 }

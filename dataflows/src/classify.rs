@@ -95,7 +95,10 @@ impl Classifier {
             .pca
             .clone()
             .context("no PCA model yet: the output holds fewer than two images")?;
-        anyhow::ensure!(config.neighbours > 0, "[classify] neighbours must be positive");
+        anyhow::ensure!(
+            config.neighbours > 0,
+            "[classify] neighbours must be positive"
+        );
         let mut labels: Vec<String> = rows.iter().map(|r| r.label.0.clone()).collect();
         labels.sort();
         labels.dedup();
@@ -271,7 +274,11 @@ mod tests {
     fn both_methods_name_well_separated_labels() {
         let (checkpoint, rows) = two_blobs();
         for method in [Method::Knn, Method::NearestMean] {
-            let config = ClassifyConfig { method, neighbours: 3, top: 2 };
+            let config = ClassifyConfig {
+                method,
+                neighbours: 3,
+                top: 2,
+            };
             let c = Classifier::new(&checkpoint, &rows, config).unwrap();
             assert_eq!(c.labels(), ["Apple", "Kiwi"]);
             for row in &rows {

@@ -80,7 +80,13 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output, &config.s3)?);
     let mut embedder = Embedder::load(&config.embed, &config.decode)?;
     let dim = embedder.dim()?;
-    let checkpoint = resume(store.as_ref(), source.as_ref(), dim, embedder.config(), index)?;
+    let checkpoint = resume(
+        store.as_ref(),
+        source.as_ref(),
+        dim,
+        embedder.config(),
+        index,
+    )?;
     let owned: HashMap<ImageKey, _> =
         restore_owned(store.as_ref(), source.as_ref(), &checkpoint, index, peers)?;
 
@@ -359,7 +365,12 @@ impl Lister {
         // Epochs are cut in hash order, not key order: key order would put whole label
         // folders in one epoch, so the first epochs (where KMeans seeds) would see only
         // the first labels. A stable hash keeps epochs the same for any -w/-n.
-        changes.sort_by_cached_key(|c| (xxhash_rust::xxh3::xxh3_64(c.key.0.as_bytes()), c.key.clone()));
+        changes.sort_by_cached_key(|c| {
+            (
+                xxhash_rust::xxh3::xxh3_64(c.key.0.as_bytes()),
+                c.key.clone(),
+            )
+        });
         if !changes.is_empty() {
             tracing::info!(
                 stage = "source",

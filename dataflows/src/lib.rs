@@ -13,8 +13,8 @@
 //! - [`metrics`], [`progress`]: what the stages did, for `/metrics` and the progress bar.
 #![warn(missing_docs)]
 
-pub mod config;
 pub mod classify;
+pub mod config;
 pub mod decode;
 pub mod embed;
 pub mod ingest;

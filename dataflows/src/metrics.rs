@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// The timed stages, in pipeline order.
-pub const STAGES: [&str; 7] = ["fetch", "decode", "embed", "moments", "models", "parquet", "commit"];
+pub const STAGES: [&str; 7] = [
+    "fetch", "decode", "embed", "moments", "models", "parquet", "commit",
+];
 
 /// Label set of per-stage and per-kind families.
 pub type Labels = Vec<(String, String)>;
@@ -62,11 +64,7 @@ impl Metrics {
             "Rows retracted by this process (deleted or rewritten objects)",
             self.images_retracted.clone(),
         );
-        r.register(
-            "errors",
-            "Rejected objects by kind",
-            self.errors.clone(),
-        );
+        r.register("errors", "Rejected objects by kind", self.errors.clone());
         r.register(
             "changes_discovered",
             "Changes found by listing the source",

@@ -86,9 +86,7 @@ impl Progress {
     pub fn tick(&self) {
         if let (Some(bar), true) = (&self.bar, self.live_counts) {
             let m = metrics();
-            let seen = m.images_ingested.get()
-                + m.images_retracted.get()
-                + m.errors_total();
+            let seen = m.images_ingested.get() + m.images_retracted.get() + m.errors_total();
             bar.set_position(seen.clamp(self.done, self.total));
         }
     }

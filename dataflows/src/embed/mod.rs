@@ -206,13 +206,22 @@ impl Embedder {
     }
 
     #[cfg(feature = "onnxruntime")]
-    fn load_onnxruntime(config: EmbedConfig, decode: &DecodeConfig, outputs: &[&str]) -> Result<Self> {
+    fn load_onnxruntime(
+        config: EmbedConfig,
+        decode: &DecodeConfig,
+        outputs: &[&str],
+    ) -> Result<Self> {
         let library = config
             .onnxruntime_library
             .clone()
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
             .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
-        let engine = onnxruntime::OrtEngine::load(&config.model, &library, config.input_size as usize, outputs)?;
+        let engine = onnxruntime::OrtEngine::load(
+            &config.model,
+            &library,
+            config.input_size as usize,
+            outputs,
+        )?;
         Ok(Embedder {
             engine: Engine::Onnxruntime(engine),
             preprocess: config.preprocess(),

@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 fn environment(library: &Path) -> Result<ort::environment::Environment> {
     static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let builder = ort::init_from(library).map_err(|e| {
-            format!("loading onnxruntime from {}: {e}", library.display())
-        })?;
-        builder.build().map_err(|e| format!("starting onnxruntime: {e}"))
+        let builder = ort::init_from(library)
+            .map_err(|e| format!("loading onnxruntime from {}: {e}", library.display()))?;
+        builder
+            .build()
+            .map_err(|e| format!("starting onnxruntime: {e}"))
     })
     .clone()
     .map_err(anyhow::Error::msg)

@@ -3,8 +3,8 @@
 //! added (the CNN never re-runs on a vanished object).
 
 use super::Embedder;
-use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
 use crate::metrics::{metrics, timed};
+use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
 use crate::source::Source;
 
 use std::collections::HashMap;

@@ -327,7 +327,9 @@ mod tests {
     fn batched_products_equal_the_i128_sum_bit_for_bit() {
         let mut s = 7u64;
         let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             s >> 33
         };
         let dim = 37;

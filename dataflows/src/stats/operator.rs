@@ -95,7 +95,9 @@ pub fn models<'s>(
                     let (cap, partial, points) = entry.remove();
                     let started = std::time::Instant::now();
                     let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
-                    timed("models", || models.apply_epoch(&partial, points, &pca, &kmeans));
+                    timed("models", || {
+                        models.apply_epoch(&partial, points, &pca, &kmeans)
+                    });
                     tracing::debug!(
                         stage = "stats",
                         epoch = t,

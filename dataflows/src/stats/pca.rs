@@ -83,7 +83,9 @@ impl PcaModel {
             1.0,
             faer::Par::Seq,
         );
-        (0..n).map(|i| (0..k).map(|c| out[(i, c)]).collect()).collect()
+        (0..n)
+            .map(|i| (0..k).map(|c| out[(i, c)]).collect())
+            .collect()
     }
 
     /// Cumulative explained variance of the kept components.
