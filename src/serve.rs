@@ -19,7 +19,7 @@ use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::io::S3Config;
 use fruits_dataflows::metrics::metrics;
 use fruits_dataflows::sink::{self, models::status, OutputStore};
-use fruits_dataflows::state::Checkpoint;
+use fruits_dataflows::state::{Checkpoint, StoredFiles};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -185,6 +185,8 @@ impl App {
 async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions) {
     let mut seen: Option<Vec<u8>> = None;
     let mut embedder: Option<Embedder> = None;
+    // Decoded embeddings files, kept across reloads: each is read once.
+    let mut files = Some(StoredFiles::default());
     loop {
         let store2 = store.clone();
         let pointer = tokio::task::spawn_blocking(move || store2.get("state/CURRENT")).await;
@@ -192,10 +194,16 @@ async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions
             Ok(Ok(Some(p))) if seen.as_ref() != Some(&p) => {
                 let (store2, options2, previous) =
                     (store.clone(), options.clone(), embedder.clone());
+                let mut cache = files.take().unwrap_or_default();
                 let loaded = tokio::task::spawn_blocking(move || {
-                    load_live(store2.as_ref(), &options2, previous)
+                    let live = load_live(store2.as_ref(), &options2, previous, &mut cache);
+                    (live, cache)
                 })
-                .await;
+                .await
+                .map(|(live, cache)| {
+                    files = Some(cache);
+                    live
+                });
                 match loaded {
                     Ok(Ok(live)) => {
                         tracing::info!(
@@ -230,8 +238,9 @@ fn load_live(
     store: &dyn OutputStore,
     options: &ServeOptions,
     embedder: Option<Embedder>,
+    files: &mut StoredFiles,
 ) -> Result<Live> {
-    let (checkpoint, classifier) = classify::load(store, &options.classify)?;
+    let (checkpoint, classifier) = classify::load_cached(store, &options.classify, files)?;
     let embedder = match embedder {
         Some(e) => e,
         None => {

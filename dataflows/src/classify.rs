@@ -219,8 +219,17 @@ pub fn load(
     store: &dyn crate::sink::OutputStore,
     config: &ClassifyConfig,
 ) -> Result<(Checkpoint, Classifier)> {
+    load_cached(store, config, &mut Default::default())
+}
+
+/// [`load`], reading only the embeddings files `cache` does not hold yet.
+pub fn load_cached(
+    store: &dyn crate::sink::OutputStore,
+    config: &ClassifyConfig,
+    cache: &mut crate::state::StoredFiles,
+) -> Result<(Checkpoint, Classifier)> {
     let checkpoint = crate::state::load_committed(store)?;
-    let rows: Vec<ImageRow> = crate::state::live_rows(store, &checkpoint)?
+    let rows: Vec<ImageRow> = crate::state::live_rows_cached(store, &checkpoint, cache)?
         .into_iter()
         .map(|(row, _)| row)
         .collect();

@@ -154,22 +154,44 @@ pub fn stored_rows(
     key_of: impl Fn(&str) -> Option<crate::record::ImageKey>,
     keep: impl Fn(&crate::record::ImageKey) -> bool,
 ) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
+    stored_rows_cached(store, checkpoint, key_of, keep, &mut StoredFiles::default())
+}
+
+/// Decoded embeddings files of committed epochs, by name. Such files never change (a
+/// crashed run's files are those of uncommitted epochs), so a reader that follows a live
+/// output (`serve`) reads each one once instead of the whole archive per epoch.
+#[derive(Default)]
+pub struct StoredFiles(std::collections::HashMap<String, Vec<crate::sink::parquet::StoredRow>>);
+
+/// [`stored_rows`], reading only the files `cache` does not hold yet.
+pub fn stored_rows_cached(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    key_of: impl Fn(&str) -> Option<crate::record::ImageKey>,
+    keep: impl Fn(&crate::record::ImageKey) -> bool,
+    cache: &mut StoredFiles,
+) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
     use crate::record::{Embedding, ImageRow, Label};
     use crate::sink::operator::epoch_of_file;
     let mut out = Vec::new();
-    for name in store.list("embeddings/")? {
+    let names = store.list("embeddings/")?;
+    cache.0.retain(|name, _| names.contains(name));
+    for name in names {
         let Some(epoch) = epoch_of_file(&name) else {
             continue;
         };
         if epoch > checkpoint.epoch {
             continue;
         }
-        let bytes = store
-            .get(&name)?
-            .with_context(|| format!("{name} vanished"))?;
-        for stored in
-            crate::sink::parquet::decode_rows(bytes).with_context(|| format!("reading {name}"))?
-        {
+        if !cache.0.contains_key(&name) {
+            let bytes = store
+                .get(&name)?
+                .with_context(|| format!("{name} vanished"))?;
+            let rows = crate::sink::parquet::decode_rows(bytes)
+                .with_context(|| format!("reading {name}"))?;
+            cache.0.insert(name.clone(), rows);
+        }
+        for stored in cache.0[&name].iter().cloned() {
             let Some(key) = key_of(&stored.path) else {
                 continue;
             };
@@ -210,12 +232,22 @@ pub fn live_rows(
     store: &dyn OutputStore,
     checkpoint: &Checkpoint,
 ) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
+    live_rows_cached(store, checkpoint, &mut StoredFiles::default())
+}
+
+/// [`live_rows`] through a cache of decoded files.
+pub fn live_rows_cached(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    cache: &mut StoredFiles,
+) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
     let root = format!("{}/", checkpoint.source);
-    stored_rows(
+    stored_rows_cached(
         store,
         checkpoint,
         |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
         |_| true,
+        cache,
     )
 }
 
