@@ -217,6 +217,14 @@ fn run(args: RunArgs) -> Result<()> {
         pipeline.embed.model = model.clone();
     }
     pipeline.validate()?;
+    if pipeline.embed.backend == fruits_dataflows::embed::Backend::Onnxruntime
+        && !cfg!(feature = "onnxruntime")
+    {
+        anyhow::bail!(
+            "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
+             cargo build --release --features onnxruntime"
+        );
+    }
     if !pipeline.embed.model.exists() {
         anyhow::bail!(
             "model file {} does not exist; create it with `{}` (see README, setup)",

@@ -93,6 +93,10 @@ struct App {
     registry: Registry,
     requests: Family<Vec<(String, String)>, Counter>,
     latency: Histogram,
+    /// The committed state the served models come from.
+    state_images: Gauge,
+    state_epoch: Gauge,
+    state_errors: Family<Vec<(String, String)>, Gauge>,
 }
 
 /// Serves until `stop` is set. Blocks the calling thread.
@@ -159,12 +163,46 @@ impl App {
             "Time to classify one image",
             latency.clone(),
         );
+        let (state_images, state_epoch) = (Gauge::default(), Gauge::default());
+        let state_errors = Family::<Vec<(String, String)>, Gauge>::default();
+        r.register(
+            "state_images",
+            "Live images in the served committed state",
+            state_images.clone(),
+        );
+        r.register(
+            "state_epoch",
+            "Committed epoch of the served models",
+            state_epoch.clone(),
+        );
+        r.register(
+            "state_errors",
+            "Quarantined objects in the served committed state, by kind",
+            state_errors.clone(),
+        );
         App {
             live: RwLock::new(None),
             registry,
             requests,
             latency,
+            state_images,
+            state_epoch,
+            state_errors,
         }
+    }
+
+    /// Serves `live` from now on.
+    fn install(&self, live: Live) {
+        let c = &live.checkpoint;
+        self.state_images.set(c.images());
+        self.state_epoch.set(c.epoch as i64);
+        self.state_errors.clear();
+        for e in c.errors.values() {
+            self.state_errors
+                .get_or_create(&vec![("kind".into(), e.kind.as_str().into())])
+                .inc();
+        }
+        *self.live.write().expect("lock") = Some(Arc::new(live));
     }
 
     fn current(&self) -> Option<Arc<Live>> {
@@ -214,7 +252,7 @@ async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions
                             "Models loaded."
                         );
                         embedder = Some(live.acquire());
-                        *app.live.write().expect("lock") = Some(Arc::new(live));
+                        app.install(live);
                         seen = Some(p);
                     }
                     Ok(Err(e)) => {
@@ -336,22 +374,6 @@ async fn status_handler(State(app): State<Arc<App>>) -> Response {
 async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     app.count("metrics", StatusCode::OK);
     let mut text = String::new();
-    if let Some(live) = app.current() {
-        // The committed state, as this endpoint last loaded it.
-        let c = &live.checkpoint;
-        text.push_str("# HELP fruits_state_images Live images in the committed state.\n# TYPE fruits_state_images gauge\n");
-        text.push_str(&format!("fruits_state_images {}\n", c.images()));
-        text.push_str("# HELP fruits_state_epoch Committed epoch of the served models.\n# TYPE fruits_state_epoch gauge\n");
-        text.push_str(&format!("fruits_state_epoch {}\n", c.epoch));
-        text.push_str("# HELP fruits_state_errors Quarantined objects in the committed state, by kind.\n# TYPE fruits_state_errors gauge\n");
-        let mut by_kind = std::collections::BTreeMap::<&str, usize>::new();
-        for e in c.errors.values() {
-            *by_kind.entry(e.kind.as_str()).or_default() += 1;
-        }
-        for (kind, n) in by_kind {
-            text.push_str(&format!("fruits_state_errors{{kind=\"{kind}\"}} {n}\n"));
-        }
-    }
     if let Err(e) = encode(&mut text, &app.registry) {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -366,10 +388,4 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
         text,
     )
         .into_response()
-}
-
-/// Gauges of a loaded state, unused until the first load.
-#[allow(dead_code)]
-fn _gauge() -> Gauge {
-    Gauge::default()
 }
