@@ -11,7 +11,9 @@ use crate::metrics::timed;
 use crate::record::{Embedding, ErrorKind};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -170,6 +172,28 @@ impl Embedder {
         if config.backend == Backend::Onnxruntime {
             return Self::load_onnxruntime(config, decode, outputs);
         }
+        // Workers of one process share one optimised plan (weights and packed kernels
+        // once, optimisation once); each keeps its own run state.
+        type Plans = Mutex<HashMap<String, Arc<TypedRunnableModel>>>;
+        static PLANS: OnceLock<Plans> = OnceLock::new();
+        let id = format!(
+            "{}|{s}|{:?}|{outputs:?}",
+            config.model.display(),
+            config.transforms
+        );
+        let mut plans = PLANS
+            .get_or_init(Default::default)
+            .lock()
+            .expect("plan cache lock");
+        if let Some(plan) = plans.get(&id) {
+            return Ok(Embedder {
+                engine: Engine::Tract(plan.spawn()?),
+                preprocess: config.preprocess(),
+                config,
+                decode: decode.clone(),
+                tensor: Vec::new(),
+            });
+        }
         let mut plan = model
             .with_input_fact(0, f32::fact([1, 3, s, s]).into())?
             .with_outputs_by_name(outputs.iter().copied())
@@ -190,6 +214,7 @@ impl Embedder {
             .into_optimized()
             .with_context(|| format!("optimising {}", config.model.display()))?
             .into_runnable()?;
+        plans.insert(id, plan.clone());
         Ok(Embedder {
             engine: Engine::Tract(plan.spawn()?),
             preprocess: config.preprocess(),
