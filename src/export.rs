@@ -35,14 +35,14 @@ pub fn export(
         .context("no PCA model yet: fewer than two images were ingested")?;
     let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
     let projected = pca.project_many(&raw);
-    let centroids = models.kmeans.projected_centroids(pca);
+    let clusters = models.kmeans.assign_projected(&projected, pca);
     let exported: Vec<ExportRow> = rows
         .iter()
         .zip(projected)
-        .map(|((_, stored), p)| ExportRow {
+        .zip(clusters)
+        .map(|(((_, stored), p), cluster)| ExportRow {
             row: stored,
-            cluster: (!centroids.is_empty())
-                .then(|| fruits_dataflows::stats::kmeans::nearest(&centroids, &p)),
+            cluster,
             pca_features: p,
         })
         .collect();

@@ -85,30 +85,35 @@ fn dispatch(command: Command) -> Result<()> {
     }
 }
 
+/// The pipeline settings of a command that reads an output (from `path`, or the
+/// defaults), with the S3 flags applied.
+fn pipeline_settings(
+    path: Option<&std::path::Path>,
+    flags: &cli::S3Args,
+) -> Result<fruits_dataflows::PipelineConfig> {
+    let mut pipeline = match path {
+        Some(p) => config::load(p)?.pipeline,
+        None => Default::default(),
+    };
+    flags.apply(&mut pipeline.s3);
+    Ok(pipeline)
+}
+
 fn s3_config(
     path: Option<&std::path::Path>,
     flags: &cli::S3Args,
 ) -> Result<fruits_dataflows::io::S3Config> {
-    let mut s3 = match path {
-        Some(p) => config::load(p)?.pipeline.s3,
-        None => Default::default(),
-    };
-    flags.apply(&mut s3);
-    Ok(s3)
+    Ok(pipeline_settings(path, flags)?.s3)
 }
 
-/// The pipeline settings of a command that reads an output, with the S3 flags applied.
+/// [`pipeline_settings`] for the commands that take [`cli::OutputArgs`].
 fn settings(
     out: &cli::OutputArgs,
 ) -> Result<(
     fruits_dataflows::io::S3Config,
     fruits_dataflows::PipelineConfig,
 )> {
-    let mut pipeline = match out.config.as_deref() {
-        Some(p) => config::load(p)?.pipeline,
-        None => Default::default(),
-    };
-    out.s3.apply(&mut pipeline.s3);
+    let pipeline = pipeline_settings(out.config.as_deref(), &out.s3)?;
     Ok((pipeline.s3.clone(), pipeline))
 }
 
@@ -174,25 +179,11 @@ fn replay(
             pca.k,
             pca.explained_variance() * 100.0
         );
-        store.put(
-            "replay/models/scaler.json",
-            &serde_json::to_vec(&pca.scaler)?,
-        )?;
-        store.put(
-            "replay/models/pca.json",
-            &serde_json::to_vec(&serde_json::json!({
-                "epoch": r.checkpoint.epoch, "n": pca.n, "k": pca.k,
-                "explained_variance_ratio": pca.explained_variance_ratio,
-                "eigenvalues": pca.eigenvalues, "components": pca.components,
-            }))?,
-        )?;
-        store.put(
-            "replay/models/kmeans.json",
-            &serde_json::to_vec(&serde_json::json!({
-                "epoch": r.checkpoint.epoch, "k": r.models.kmeans.centroids.len(),
-                "counts": r.models.kmeans.weights, "centroids": r.models.kmeans.centroids,
-                "centroids_pca": r.models.kmeans.projected_centroids(pca),
-            }))?,
+        fruits_dataflows::sink::models::write_models(
+            store.as_ref(),
+            "replay/models/",
+            r.checkpoint.epoch,
+            &r.models,
         )?;
         println!(
             "wrote {}/replay/models/{{scaler,pca,kmeans}}.json",

@@ -72,14 +72,14 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
     let labels: Vec<String> = checkpoint.labels.keys().cloned().collect();
     let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
     let projected = pca.project_many(&raw);
-    let centroids = checkpoint.models.kmeans.projected_centroids(pca);
+    let clusters = checkpoint.models.kmeans.assign_projected(&projected, pca);
     let points: Vec<Point> = rows
         .iter()
         .zip(&projected)
-        .map(|((row, _), p)| Point {
+        .zip(clusters)
+        .map(|(((row, _), p), cluster)| Point {
             label: labels.binary_search(&row.label.0).unwrap_or(0),
-            cluster: (!centroids.is_empty())
-                .then(|| fruits_dataflows::stats::kmeans::nearest(&centroids, p)),
+            cluster,
             pc: [p[0], p.get(1).copied().unwrap_or(0.0)],
         })
         .collect();

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use fruits_dataflows::classify::{self, Classifier, ClassifyConfig};
 use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::io::S3Config;
-use fruits_dataflows::metrics::metrics;
+use fruits_dataflows::metrics::{metrics, Labels};
 use fruits_dataflows::sink::{self, models::status, OutputStore};
 use fruits_dataflows::state::{Checkpoint, StoredFiles};
 use prometheus_client::encoding::text::encode;
@@ -91,12 +91,12 @@ impl Live {
 struct App {
     live: RwLock<Option<Arc<Live>>>,
     registry: Registry,
-    requests: Family<Vec<(String, String)>, Counter>,
+    requests: Family<Labels, Counter>,
     latency: Histogram,
     /// The committed state the served models come from.
     state_images: Gauge,
     state_epoch: Gauge,
-    state_errors: Family<Vec<(String, String)>, Gauge>,
+    state_errors: Family<Labels, Gauge>,
 }
 
 /// Serves until `stop` is set. Blocks the calling thread.
@@ -150,7 +150,7 @@ impl App {
     fn new() -> Self {
         let mut registry = Registry::default();
         metrics().register(&mut registry);
-        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let requests = Family::<Labels, Counter>::default();
         let latency = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let r = registry.sub_registry_with_prefix("fruits");
         r.register(
@@ -164,7 +164,7 @@ impl App {
             latency.clone(),
         );
         let (state_images, state_epoch) = (Gauge::default(), Gauge::default());
-        let state_errors = Family::<Vec<(String, String)>, Gauge>::default();
+        let state_errors = Family::<Labels, Gauge>::default();
         r.register(
             "state_images",
             "Live images in the served committed state",

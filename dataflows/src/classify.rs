@@ -167,9 +167,12 @@ impl Classifier {
             Method::NearestMean => self.means.iter().map(|m| dist2(&p, m)).collect(),
             Method::Knn => self.local_mean_distances(&p),
         };
+        let cluster = self
+            .kmeans
+            .assign_projected(std::slice::from_ref(&p), &self.pca)[0];
         Prediction {
             labels: self.rank(&distances),
-            cluster: self.kmeans.assign(embedding, &self.pca),
+            cluster,
             model_epoch: self.epoch,
         }
     }

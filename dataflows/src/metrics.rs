@@ -114,19 +114,20 @@ impl Metrics {
     pub fn stage_summary(&self) -> Vec<(&'static str, f64)> {
         STAGES
             .iter()
-            .map(|&s| {
-                let labels = vec![("stage".to_string(), s.to_string())];
-                (s, self.stage_seconds.get_or_create(&labels).get())
-            })
+            .map(|&s| (s, self.stage_seconds.get_or_create(&stage(s)).get()))
             .collect()
     }
 
     /// Adds `seconds` to `stage`.
     pub fn add_stage_time(&self, stage: &str, seconds: f64) {
         self.stage_seconds
-            .get_or_create(&vec![("stage".to_string(), stage.to_string())])
+            .get_or_create(&self::stage(stage))
             .inc_by(seconds);
     }
+}
+
+fn stage(name: &str) -> Labels {
+    vec![("stage".to_string(), name.to_string())]
 }
 
 /// Runs `f`, charging its wall-clock time to `stage`.

@@ -62,10 +62,7 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         .iter()
         .map(|r| (r.key.clone(), r.embedding.clone(), 1))
         .collect();
-    match &models.pca {
-        Some(model) => models.kmeans.update(points, model, kmeans),
-        None => models.kmeans.collect_pending(points),
-    }
+    models.fold_points(points, kmeans);
     let kmeans_s = started.elapsed().as_secs_f64();
     Ok(Replay {
         images: rows.len(),

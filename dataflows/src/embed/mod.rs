@@ -129,6 +129,60 @@ impl From<DecodeError> for EmbedError {
     }
 }
 
+fn parse(model: &std::path::Path) -> Result<InferenceModel> {
+    tract_onnx::onnx()
+        .model_for_path(model)
+        .with_context(|| format!("loading ONNX model {}", model.display()))
+}
+
+/// The optimised tract plan of `config` and the input size it runs at (the model's
+/// declared size, else `[embed] input_size`). Workers of one process share one plan:
+/// the model is parsed, optimised and its weights packed once; each worker spawns its
+/// own run state from it.
+fn tract_plan(config: &EmbedConfig, outputs: &[&str]) -> Result<(Arc<TypedRunnableModel>, u32)> {
+    type Plans = Mutex<HashMap<String, (Arc<TypedRunnableModel>, u32)>>;
+    static PLANS: OnceLock<Plans> = OnceLock::new();
+    let id = format!(
+        "{}|{}|{:?}|{outputs:?}",
+        config.model.display(),
+        config.input_size,
+        config.transforms
+    );
+    // Held while optimising, so a second worker waits and reuses the plan.
+    let mut plans = PLANS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("plan cache lock");
+    if let Some(found) = plans.get(&id) {
+        return Ok(found.clone());
+    }
+    let model = parse(&config.model)?;
+    let size = declared_size(&model)?.unwrap_or(config.input_size);
+    let s = size as usize;
+    let mut plan = model
+        .with_input_fact(0, f32::fact([1, 3, s, s]).into())?
+        .with_outputs_by_name(outputs.iter().copied())
+        .with_context(|| {
+            format!(
+                "model {} lacks output(s) {outputs:?}",
+                config.model.display()
+            )
+        })?
+        .into_typed()?
+        .into_decluttered()?;
+    for name in &config.transforms {
+        let transform = tract_onnx::tract_core::transform::get_transform(name)?
+            .with_context(|| format!("[embed] transforms: tract has no transform {name:?}"))?;
+        transform.transform(&mut plan)?;
+    }
+    let plan = plan
+        .into_optimized()
+        .with_context(|| format!("optimising {}", config.model.display()))?
+        .into_runnable()?;
+    plans.insert(id, (plan.clone(), size));
+    Ok((plan, size))
+}
+
 /// The spatial size an NCHW model input declares, if it is concrete and square.
 fn declared_size(model: &InferenceModel) -> Result<Option<u32>> {
     let fact = model.input_fact(0)?;
@@ -161,62 +215,22 @@ impl Embedder {
                 config.model.display()
             );
         }
-        let model = tract_onnx::onnx()
-            .model_for_path(&config.model)
-            .with_context(|| format!("loading ONNX model {}", config.model.display()))?;
         let mut config = config.clone();
-        if let Some(declared) = declared_size(&model)? {
-            config.input_size = declared;
-        }
-        let s = config.input_size as usize;
-        if config.backend == Backend::Onnxruntime {
-            return Self::load_onnxruntime(config, decode, outputs);
-        }
-        // Workers of one process share one optimised plan (weights and packed kernels
-        // once, optimisation once); each keeps its own run state.
-        type Plans = Mutex<HashMap<String, Arc<TypedRunnableModel>>>;
-        static PLANS: OnceLock<Plans> = OnceLock::new();
-        let id = format!(
-            "{}|{s}|{:?}|{outputs:?}",
-            config.model.display(),
-            config.transforms
-        );
-        let mut plans = PLANS
-            .get_or_init(Default::default)
-            .lock()
-            .expect("plan cache lock");
-        if let Some(plan) = plans.get(&id) {
-            return Ok(Embedder {
-                engine: Engine::Tract(plan.spawn()?),
-                preprocess: config.preprocess(),
-                config,
-                decode: decode.clone(),
-                tensor: Vec::new(),
-            });
-        }
-        let mut plan = model
-            .with_input_fact(0, f32::fact([1, 3, s, s]).into())?
-            .with_outputs_by_name(outputs.iter().copied())
-            .with_context(|| {
-                format!(
-                    "model {} lacks output(s) {outputs:?}",
-                    config.model.display()
-                )
-            })?
-            .into_typed()?
-            .into_decluttered()?;
-        for name in &config.transforms {
-            let transform = tract_onnx::tract_core::transform::get_transform(name)?
-                .with_context(|| format!("[embed] transforms: tract has no transform {name:?}"))?;
-            transform.transform(&mut plan)?;
-        }
-        let plan = plan
-            .into_optimized()
-            .with_context(|| format!("optimising {}", config.model.display()))?
-            .into_runnable()?;
-        plans.insert(id, plan.clone());
+        let engine = match config.backend {
+            Backend::Tract => {
+                let (plan, size) = tract_plan(&config, outputs)?;
+                config.input_size = size;
+                Engine::Tract(plan.spawn()?)
+            }
+            Backend::Onnxruntime => {
+                if let Some(size) = declared_size(&parse(&config.model)?)? {
+                    config.input_size = size;
+                }
+                Self::onnxruntime_engine(&config, outputs)?
+            }
+        };
         Ok(Embedder {
-            engine: Engine::Tract(plan.spawn()?),
+            engine,
             preprocess: config.preprocess(),
             config,
             decode: decode.clone(),
@@ -231,33 +245,22 @@ impl Embedder {
     }
 
     #[cfg(feature = "onnxruntime")]
-    fn load_onnxruntime(
-        config: EmbedConfig,
-        decode: &DecodeConfig,
-        outputs: &[&str],
-    ) -> Result<Self> {
+    fn onnxruntime_engine(config: &EmbedConfig, outputs: &[&str]) -> Result<Engine> {
         let library = config
             .onnxruntime_library
             .clone()
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
             .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
-        let engine = onnxruntime::OrtEngine::load(
+        Ok(Engine::Onnxruntime(onnxruntime::OrtEngine::load(
             &config.model,
             &library,
             config.input_size as usize,
             outputs,
-        )?;
-        Ok(Embedder {
-            engine: Engine::Onnxruntime(engine),
-            preprocess: config.preprocess(),
-            config,
-            decode: decode.clone(),
-            tensor: Vec::new(),
-        })
+        )?))
     }
 
     #[cfg(not(feature = "onnxruntime"))]
-    fn load_onnxruntime(_: EmbedConfig, _: &DecodeConfig, _: &[&str]) -> Result<Self> {
+    fn onnxruntime_engine(_: &EmbedConfig, _: &[&str]) -> Result<Engine> {
         anyhow::bail!(
             "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
              cargo build --release --features onnxruntime"

@@ -34,29 +34,48 @@ pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
     })
 }
 
+/// Writes `scaler.json`, `pca.json` and `kmeans.json` under `prefix` (nothing before
+/// the first PCA).
+pub fn write_models(
+    store: &dyn OutputStore,
+    prefix: &str,
+    epoch: crate::record::Epoch,
+    models: &crate::stats::Models,
+) -> Result<()> {
+    let Some(pca) = &models.pca else {
+        return Ok(());
+    };
+    store.put(
+        &format!("{prefix}scaler.json"),
+        &serde_json::to_vec(&pca.scaler)?,
+    )?;
+    let doc = json!({
+        "epoch": epoch,
+        "n": pca.n,
+        "k": pca.k,
+        "explained_variance_ratio": pca.explained_variance_ratio,
+        "eigenvalues": pca.eigenvalues,
+        "components": pca.components,
+    });
+    store.put(&format!("{prefix}pca.json"), &serde_json::to_vec(&doc)?)?;
+    let kmeans = json!({
+        "epoch": epoch,
+        "k": models.kmeans.centroids.len(),
+        "counts": models.kmeans.weights,
+        "centroids": models.kmeans.centroids,
+        "centroids_pca": models.kmeans.projected_centroids(pca),
+    });
+    store.put(
+        &format!("{prefix}kmeans.json"),
+        &serde_json::to_vec(&kmeans)?,
+    )?;
+    Ok(())
+}
+
 /// Writes `models/*.json`, `errors.csv` and `status.json` for a committed checkpoint.
 pub fn publish(store: &dyn OutputStore, checkpoint: &Checkpoint) -> Result<()> {
     let models = &checkpoint.models;
-    if let Some(pca) = &models.pca {
-        store.put("models/scaler.json", &serde_json::to_vec(&pca.scaler)?)?;
-        let doc = json!({
-            "epoch": checkpoint.epoch,
-            "n": pca.n,
-            "k": pca.k,
-            "explained_variance_ratio": pca.explained_variance_ratio,
-            "eigenvalues": pca.eigenvalues,
-            "components": pca.components,
-        });
-        store.put("models/pca.json", &serde_json::to_vec(&doc)?)?;
-        let kmeans = json!({
-            "epoch": checkpoint.epoch,
-            "k": models.kmeans.centroids.len(),
-            "counts": models.kmeans.weights,
-            "centroids": models.kmeans.centroids,
-            "centroids_pca": models.kmeans.projected_centroids(pca),
-        });
-        store.put("models/kmeans.json", &serde_json::to_vec(&kmeans)?)?;
-    }
+    write_models(store, "models/", checkpoint.epoch, models)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     csv.write_record(["key", "kind", "reason", "epoch"])?;
     for e in checkpoint.errors.values() {

@@ -190,11 +190,20 @@ impl KMeans {
 
     /// Index of the cluster nearest to raw embedding `x` under `pca`.
     pub fn assign(&self, x: &[f64], pca: &PcaModel) -> Option<usize> {
+        self.assign_projected(&[pca.project(x)], pca).remove(0)
+    }
+
+    /// The nearest cluster of each point already projected by `pca` (None before
+    /// seeding): one projection of the centroids for all of them.
+    pub fn assign_projected(&self, points: &[Vec<f64>], pca: &PcaModel) -> Vec<Option<usize>> {
         if self.centroids.is_empty() {
-            return None;
+            return vec![None; points.len()];
         }
-        let projected = pca.project_many(&self.centroids);
-        Some(nearest(&projected, &pca.project(x)))
+        let centroids = pca.project_many(&self.centroids);
+        points
+            .iter()
+            .map(|p| Some(nearest(&centroids, p)))
+            .collect()
     }
 
     /// Centroids in PCA space, for reports.

@@ -47,6 +47,12 @@ impl Models {
     ) {
         self.moments.merge(partial);
         self.pca = pca::fit(&self.moments, pca);
+        self.fold_points(points, kmeans);
+    }
+
+    /// Folds points into the clustering under the current PCA (kept pending until there
+    /// is one).
+    pub fn fold_points(&mut self, points: Vec<kmeans::EpochPoint>, kmeans: &KMeansConfig) {
         match &self.pca {
             Some(model) => self.kmeans.update(points, model, kmeans),
             None => self.kmeans.collect_pending(points),

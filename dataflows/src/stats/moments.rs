@@ -140,15 +140,11 @@ impl MomentsAccumulator {
             return;
         }
         let negative = diff < 0;
-        let batch = if negative { &self.minus } else { &self.plus };
+        let batch = self.batch(negative);
         if batch.bound + square > F64_EXACT || batch.len == MAX_BATCH {
             self.flush_batch(negative);
         }
-        let batch = if negative {
-            &mut self.minus
-        } else {
-            &mut self.plus
-        };
+        let batch = self.batch(negative);
         batch.rows.extend(x.iter().map(|&v| v as f64));
         batch.len += 1;
         batch.bound += square;
@@ -184,13 +180,18 @@ impl MomentsAccumulator {
         }
     }
 
-    /// Sums a batch's outer products with one matrix product and moves them into `fast`.
-    fn flush_batch(&mut self, negative: bool) {
-        let batch = std::mem::take(if negative {
+    /// The buffer of retracted (`negative`) or added rows.
+    fn batch(&mut self, negative: bool) -> &mut Batch {
+        if negative {
             &mut self.minus
         } else {
             &mut self.plus
-        });
+        }
+    }
+
+    /// Sums a batch's outer products with one matrix product and moves them into `fast`.
+    fn flush_batch(&mut self, negative: bool) {
+        let batch = std::mem::take(self.batch(negative));
         if batch.len == 0 {
             return;
         }
@@ -225,11 +226,7 @@ impl MomentsAccumulator {
             at += d - i;
         }
         // Keep the allocation for the next batch.
-        let slot = if negative {
-            &mut self.minus
-        } else {
-            &mut self.plus
-        };
+        let slot = self.batch(negative);
         slot.rows = batch.rows;
         slot.rows.clear();
     }
