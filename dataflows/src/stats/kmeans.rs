@@ -120,16 +120,14 @@ impl KMeans {
         let projected = pca.project_many(&raw);
         let mut rng = SplitMix64(config.seed);
         let mut chosen = vec![(rng.next() % projected.len() as u64) as usize];
+        // Squared distance of every point to its nearest chosen centre, updated with each
+        // new centre only (a min over the same values, so exactly what a full recount gives).
+        let mut d2 = vec![f64::INFINITY; projected.len()];
         while chosen.len() < config.k {
-            let d2: Vec<f64> = projected
-                .iter()
-                .map(|p| {
-                    chosen
-                        .iter()
-                        .map(|&c| dist2(p, &projected[c]))
-                        .fold(f64::INFINITY, f64::min)
-                })
-                .collect();
+            let newest = &projected[*chosen.last().expect("one chosen")];
+            for (d, p) in d2.iter_mut().zip(&projected) {
+                *d = d.min(dist2(p, newest));
+            }
             let total: f64 = d2.iter().sum();
             if total <= 0.0 {
                 break; // fewer distinct points than k
@@ -148,18 +146,13 @@ impl KMeans {
         let mut centres: Vec<Vec<f64>> = chosen.iter().map(|&i| projected[i].clone()).collect();
         let mut assignment = vec![0usize; projected.len()];
         for _ in 0..config.init_iterations.max(1) {
-            let next: Vec<usize> = projected.iter().map(|p| nearest(&centres, p)).collect();
+            let next = assign_all(&centres, &projected);
             let stable = next == assignment;
             assignment = next;
-            for (c, centre) in centres.iter_mut().enumerate() {
-                let members: Vec<&Vec<f64>> = projected
-                    .iter()
-                    .zip(&assignment)
-                    .filter(|(_, &a)| a == c)
-                    .map(|(p, _)| p)
-                    .collect();
-                if !members.is_empty() {
-                    *centre = mean(members.into_iter(), centre.len());
+            let (counts, sums) = cluster_sums(&projected, &assignment, centres.len());
+            for ((centre, n), sum) in centres.iter_mut().zip(counts).zip(sums) {
+                if n > 0 {
+                    *centre = sum.iter().map(|s| s / n as f64).collect();
                 }
             }
             if stable {
@@ -222,8 +215,41 @@ fn mean<'a>(rows: impl Iterator<Item = &'a Vec<f64>>, d: usize) -> Vec<f64> {
     sum.iter().map(|s| s / n.max(1) as f64).collect()
 }
 
+/// Squared distance, summed in four lanes so the compiler can vectorise it (a strict
+/// left-to-right sum cannot be); the order is fixed, so results stay deterministic.
 fn dist2(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+    let mut lanes = [0.0f64; 4];
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = a4
+        .remainder()
+        .iter()
+        .zip(b4.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in a4.zip(b4) {
+        for l in 0..4 {
+            lanes[l] += (x[l] - y[l]) * (x[l] - y[l]);
+        }
+    }
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+}
+
+/// The nearest centre of every point, computed in parallel (each point independently, so
+/// the result does not depend on the thread count).
+fn assign_all(centres: &[Vec<f64>], points: &[Vec<f64>]) -> Vec<usize> {
+    use rayon::prelude::*;
+    points.par_iter().map(|p| nearest(centres, p)).collect()
+}
+
+/// Per-cluster member counts and coordinate sums, in one pass over the points.
+fn cluster_sums(points: &[Vec<f64>], assignment: &[usize], k: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
+    let d = points.first().map_or(0, Vec::len);
+    let (mut counts, mut sums) = (vec![0usize; k], vec![vec![0.0f64; d]; k]);
+    for (p, &a) in points.iter().zip(assignment) {
+        counts[a] += 1;
+        sums[a].iter_mut().zip(p).for_each(|(s, v)| *s += v);
+    }
+    (counts, sums)
 }
 
 /// Nearest centre; ties go to the lowest index.

@@ -48,22 +48,34 @@ pub fn moment_partials<'s>(
 
 /// On worker 0: merges each complete epoch's partials (exactly, in integers) and folds
 /// its points into the KMeans, then emits the new models at that epoch.
+///
+/// The fit (an eigendecomposition at d = 1280 and a KMeans pass, ~0.5 s) runs on its own
+/// thread, in epoch order, while the operator holds the epoch's capability: worker 0
+/// keeps embedding instead of stalling every worker at each epoch boundary, and the OS
+/// shares the cores between the fit and the embedding.
 pub fn models<'s>(
     partials: StreamVec<'s, Epoch, Moments>,
     rows: StreamVec<'s, Epoch, RowUpdate>,
-    mut models: Models,
+    models: Models,
     pca: PcaConfig,
     kmeans: KMeansConfig,
 ) -> StreamVec<'s, Epoch, Models> {
     let points = Exchange::new(|_: &RowUpdate| 0);
+    let scope = partials.scope();
+    let worker = scope.worker();
     partials.binary_frontier(
         rows,
         Exchange::new(|_: &Moments| 0),
         points,
         "models",
-        move |_, _| {
+        move |_, info| {
+            let activator = worker.sync_activator_for(info.address.to_vec());
+            // Started on the first complete epoch: only worker 0 ever gets one.
+            let mut fitter = None;
+            let mut seed = Some((models, pca, kmeans, activator));
             let mut open: BTreeMap<Epoch, (Capability<Epoch>, Option<Moments>, Vec<EpochPoint>)> =
                 BTreeMap::new();
+            let mut fitting: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             move |(partials, f1), (rows, f2), output| {
                 partials.for_each(|cap, data| {
                     let Some(&t) = cap.least() else { return };
@@ -93,6 +105,58 @@ pub fn models<'s>(
                         break;
                     }
                     let (cap, partial, points) = entry.remove();
+                    let fitter: &Fitter = fitter.get_or_insert_with(|| {
+                        let (models, pca, kmeans, activator) = seed.take().expect("one fitter");
+                        Fitter::start(models, pca, kmeans, activator)
+                    });
+                    fitter.submit(t, partial, points);
+                    fitting.insert(t, cap);
+                }
+                if let Some(fitter) = &fitter {
+                    for (t, fitted) in fitter.finished() {
+                        let cap = fitting.remove(&t).expect("a capability per fit");
+                        output.session(&cap).give(fitted);
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Activates the models operator when dropped.
+struct WakeOnExit<'a>(&'a timely::scheduling::SyncActivator);
+
+impl Drop for WakeOnExit<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.activate();
+    }
+}
+
+/// One epoch's merged moments and points, to fold into the models.
+type FitJob = (Epoch, Option<Moments>, Vec<EpochPoint>);
+
+/// The thread that owns the models and folds epochs in, one after another.
+struct Fitter {
+    jobs: std::sync::mpsc::Sender<FitJob>,
+    done: std::sync::mpsc::Receiver<(Epoch, Models)>,
+}
+
+impl Fitter {
+    fn start(
+        mut models: Models,
+        pca: PcaConfig,
+        kmeans: KMeansConfig,
+        activator: timely::scheduling::SyncActivator,
+    ) -> Self {
+        let (jobs, inbox) = std::sync::mpsc::channel::<FitJob>();
+        let (outbox, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("models".into())
+            .spawn(move || {
+                // Wakes the operator however the thread ends, a panic included.
+                let _wake = WakeOnExit(&activator);
+                // Ends when the operator (the job sender) is dropped.
+                for (t, partial, points) in inbox {
                     let started = std::time::Instant::now();
                     let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
                     timed("models", || {
@@ -105,11 +169,36 @@ pub fn models<'s>(
                         seconds = started.elapsed().as_secs_f64(),
                         "Models updated."
                     );
-                    output.session(&cap).give(models.clone());
+                    if outbox.send((t, models.clone())).is_err() || activator.activate().is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the models thread");
+        Fitter { jobs, done }
+    }
+
+    fn submit(&self, t: Epoch, partial: Option<Moments>, points: Vec<EpochPoint>) {
+        // The thread only stops when this sender is dropped or a panic took it down; the
+        // panic is already reported, and the epoch then never completes.
+        let _ = self.jobs.send((t, partial, points));
+    }
+
+    fn finished(&self) -> Vec<(Epoch, Models)> {
+        let mut out = Vec::new();
+        loop {
+            match self.done.try_recv() {
+                Ok(fitted) => out.push(fitted),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return out,
+                // Only a panic ends the thread while the operator lives: fail loudly rather
+                // than wait forever for an epoch that cannot complete.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("the models thread stopped (see the panic above)")
                 }
             }
-        },
-    )
+        }
+    }
 }
 
 #[cfg(test)]
