@@ -29,6 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() -> Result<()> {
+    fruits_dataflows::embed::no_transparent_huge_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let images = PathBuf::from(args.first().map_or("../shared/fruits360/Training", |s| s));
     let flag = |name: &str| {

@@ -12,6 +12,7 @@ use fruits_dataflows::source::{LocalDir, Source};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    fruits_dataflows::embed::no_transparent_huge_pages();
     let root = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "tests/fixtures/fruits".into());

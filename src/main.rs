@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn main() {
-    no_transparent_huge_pages();
+    fruits_dataflows::embed::no_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -272,17 +272,4 @@ fn run(args: RunArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!(e))?;
     }
     Ok(())
-}
-
-/// Turns transparent huge pages off for this process. mimalloc returns idle memory to
-/// the OS a few milliseconds after it frees it; with huge pages each later touch of that
-/// memory faults in and zeroes a whole 2 MiB page, which cost 7 % of the embed stage in
-/// a perf profile (`clear_page_erms`) and 50-100 MB of peak RSS at `-w 2` (README,
-/// "Speed"). Best effort: where the call is not supported, nothing changes.
-fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
 }
