@@ -20,7 +20,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             poll_interval_ms: 2000,
-            epoch_size: 1024,
+            epoch_size: 2048,
         }
     }
 }

@@ -78,15 +78,18 @@ impl KMeans {
         let d = self.centroids[0].len();
         let k = self.centroids.len();
         let (mut counts, mut sums) = (vec![0.0f64; k], vec![vec![0.0f64; d]; k]);
-        let xs: Vec<Vec<f64>> = points.iter().map(|(_, e, _)| e.to_f64()).collect();
-        let projected_points = pca.project_many(&xs);
-        for (((_, _, diff), x), p) in points.iter().zip(&xs).zip(&projected_points) {
-            let c = nearest(&projected, p);
-            counts[c] += *diff as f64;
-            sums[c]
-                .iter_mut()
-                .zip(x)
-                .for_each(|(s, v)| *s += *diff as f64 * v);
+        // A block at a time, so an epoch's points are never all held in f64 at once.
+        for block in points.chunks(256) {
+            let xs: Vec<Vec<f64>> = block.iter().map(|(_, e, _)| e.to_f64()).collect();
+            let projected_points = pca.project_many(&xs);
+            for (((_, _, diff), x), p) in block.iter().zip(&xs).zip(&projected_points) {
+                let c = nearest(&projected, p);
+                counts[c] += *diff as f64;
+                sums[c]
+                    .iter_mut()
+                    .zip(x)
+                    .for_each(|(s, v)| *s += *diff as f64 * v);
+            }
         }
         let a = config.decay_factor();
         for c in 0..k {
