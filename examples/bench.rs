@@ -105,7 +105,7 @@ fn main() -> Result<()> {
     };
     if let Some((one, two)) = ort {
         println!("onnxruntime (Python), 1 thread: {one:.1} images/s; 2 threads: {two:.1} images/s");
-        println!("this backend / onnxruntime (Python), 1 thread: {:.2} (tract per-image time is {:.2}x onnxruntime's)", tract_1 / one, one / tract_1);
+        println!("this backend / onnxruntime (Python), 1 thread: {:.2} (per-image time is {:.2}x onnxruntime's)", tract_1 / one, one / tract_1);
     }
 
     // 4. whole runs.
