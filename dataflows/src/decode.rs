@@ -217,15 +217,22 @@ impl Preprocess {
     /// Writes the normalised NCHW tensor of `image` into `out` (reused between images,
     /// so steady-state ingestion allocates no input tensors).
     pub fn tensor_into(&self, image: &RgbImage, out: &mut Vec<f32>) {
-        let size = self.size;
-        let resized;
-        let pixels: &[u8] = if image.width() == size && image.height() == size {
-            image.as_raw()
+        self.normalize_into(&self.resized(image), out);
+    }
+
+    /// The image's RGB pixels at `size`x`size`, row-major (3 bytes per pixel).
+    pub fn resized(&self, image: &RgbImage) -> Vec<u8> {
+        if image.width() == self.size && image.height() == self.size {
+            image.as_raw().clone()
         } else {
-            resized = resize(image, size);
-            &resized
-        };
-        let plane = (size * size) as usize;
+            resize(image, self.size)
+        }
+    }
+
+    /// Writes the normalised NCHW tensor of `size`x`size` RGB pixels into `out`.
+    pub fn normalize_into(&self, pixels: &[u8], out: &mut Vec<f32>) {
+        let plane = (self.size * self.size) as usize;
+        debug_assert_eq!(pixels.len(), 3 * plane);
         out.clear();
         out.resize(3 * plane, 0.0);
         for (i, p) in pixels.chunks_exact(3).enumerate() {

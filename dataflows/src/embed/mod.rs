@@ -309,16 +309,23 @@ impl Embedder {
 
     /// Decodes, preprocesses and embeds one image file's bytes.
     pub fn embed_bytes(&mut self, bytes: &[u8]) -> Result<Embedding, EmbedError> {
-        let mut tensor = std::mem::take(&mut self.tensor);
-        let decoded = timed("decode", || {
-            let image = decode::decode(bytes, &self.decode)?;
-            self.preprocess.tensor_into(&image, &mut tensor);
-            Ok::<_, DecodeError>(())
-        });
-        if let Err(e) = decoded {
-            self.tensor = tensor;
-            return Err(e.into());
+        let pixels = self.preparer().prepare(bytes)?;
+        self.embed_pixels(&pixels)
+    }
+
+    /// What turns file bytes into model-sized pixels; it can run on another thread.
+    pub fn preparer(&self) -> Preparer {
+        Preparer {
+            decode: self.decode.clone(),
+            preprocess: self.preprocess.clone(),
         }
+    }
+
+    /// Embeds `size`x`size` RGB pixels from [`Preparer::prepare`]. The input tensor is
+    /// this embedder's own, reused from image to image.
+    pub fn embed_pixels(&mut self, pixels: &[u8]) -> Result<Embedding, EmbedError> {
+        let mut tensor = std::mem::take(&mut self.tensor);
+        self.preprocess.normalize_into(pixels, &mut tensor);
         let result = timed("embed", || self.run_tensor(&tensor));
         self.tensor = tensor;
         let model_err = |reason: String| EmbedError {
@@ -327,5 +334,23 @@ impl Embedder {
         };
         let outputs = result.map_err(|e| model_err(format!("model failed: {e:#}")))?;
         Embedding::quantize(&outputs[0]).map_err(model_err)
+    }
+}
+
+/// The decode half of the embed stage: validated JPEG bytes → pixels at the model's
+/// input size. Cheap to clone and `Send`, so decoding can run off the inference thread.
+#[derive(Clone, Debug)]
+pub struct Preparer {
+    decode: DecodeConfig,
+    preprocess: Preprocess,
+}
+
+impl Preparer {
+    /// Decodes and resizes one image file's bytes.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Vec<u8>, EmbedError> {
+        timed("decode", || {
+            let image = decode::decode(bytes, &self.decode)?;
+            Ok(self.preprocess.resized(&image))
+        })
     }
 }
