@@ -10,9 +10,11 @@
 //! - [`io`]: S3 access shared by the S3 source and sink;
 //! - [`replay`]: rebuilds the statistics from stored embeddings, no model;
 //! - [`classify`]: names a fruit from a photo with the live models;
-//! - [`metrics`], [`progress`]: what the stages did, for `/metrics` and the progress bar.
+//! - [`metrics`], [`progress`]: what the stages did, for `/metrics` and the progress bar;
+//! - [`background`]: the helper thread an operator hands slow work to.
 #![warn(missing_docs)]
 
+pub mod background;
 pub mod classify;
 pub mod config;
 pub mod decode;

@@ -3,6 +3,7 @@
 //! added (the CNN never re-runs on a vanished object).
 
 use super::Embedder;
+use crate::background::Background;
 use crate::metrics::{metrics, timed};
 use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
 use crate::source::Source;
@@ -29,7 +30,7 @@ pub enum Outcome {
 /// Routes each change to its owner, embeds additions and retracts what deletions remove.
 /// `owned` holds rows restored from a checkpoint for the keys this worker owns.
 ///
-/// Received changes are cut into chunks. A [`Prefetcher`] thread fetches and decodes the
+/// Received changes are cut into chunks. A prefetch thread fetches and decodes the
 /// next chunk while this worker runs the CNN on the current one, so object-store latency
 /// and JPEG decoding stay off the inference thread. Each activation embeds one chunk and
 /// then yields: an epoch is seconds of CNN work, and holding the worker for all of it
@@ -69,7 +70,9 @@ pub fn embed<'s>(
                 }
                 let prefetcher = prefetcher.get_or_insert_with(|| {
                     let (source, preparer, wake) = setup.take().expect("one prefetcher");
-                    Prefetcher::start(source, preparer, wake)
+                    Background::start("prefetch", wake, move |chunk| {
+                        prepare(chunk, source.as_ref(), &preparer)
+                    })
                 });
                 // Keep the prefetcher one chunk ahead of the one being embedded.
                 while prefetching.len() < 2 {
@@ -78,7 +81,7 @@ pub fn embed<'s>(
                     prefetching.push_back(cap);
                 }
                 // Not ready yet: the prefetcher activates this operator when it is.
-                let Some(prepared) = prefetcher.ready() else { return };
+                let Some(prepared) = prefetcher.try_next() else { return };
                 let cap = prefetching.pop_front().expect("a capability per chunk");
                 let epoch = *cap.time();
                 let mut session = output.session(&cap);
@@ -88,7 +91,7 @@ pub fn embed<'s>(
                     prefetcher.submit(chunk);
                     prefetching.push_back(cap);
                 }
-                if prefetcher.has_ready() {
+                if prefetcher.has_next() {
                     activator.activate();
                 }
             }
@@ -107,70 +110,9 @@ struct Prepared {
     pixels: HashMap<ImageKey, Result<Vec<u8>, (ErrorKind, String)>>,
 }
 
-/// A worker's fetch-and-decode thread: takes chunks in order, hands them back prepared
-/// in the same order, and wakes the embed operator for each.
-struct Prefetcher {
-    jobs: std::sync::mpsc::Sender<Vec<Change>>,
-    done: std::sync::mpsc::Receiver<Prepared>,
-    /// A result taken off the channel by [`Prefetcher::has_ready`], not yet consumed.
-    peeked: Option<Prepared>,
-}
-
-impl Prefetcher {
-    fn start(
-        source: Arc<dyn Source>,
-        preparer: super::Preparer,
-        wake: timely::scheduling::SyncActivator,
-    ) -> Self {
-        let (jobs, inbox) = std::sync::mpsc::channel::<Vec<Change>>();
-        let (outbox, done) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || {
-                // Ends when the operator (the job sender) is dropped.
-                for changes in inbox {
-                    let prepared = prepare(changes, source.as_ref(), &preparer);
-                    if outbox.send(prepared).is_err() || wake.activate().is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawning a prefetch thread");
-        Prefetcher {
-            jobs,
-            done,
-            peeked: None,
-        }
-    }
-
-    fn submit(&self, chunk: Vec<Change>) {
-        self.jobs
-            .send(chunk)
-            .expect("the prefetch thread lives as long as the operator");
-    }
-
-    fn ready(&mut self) -> Option<Prepared> {
-        self.peeked.take().or_else(|| self.try_recv())
-    }
-
-    fn has_ready(&mut self) -> bool {
-        if self.peeked.is_none() {
-            self.peeked = self.try_recv();
-        }
-        self.peeked.is_some()
-    }
-
-    fn try_recv(&self) -> Option<Prepared> {
-        match self.done.try_recv() {
-            Ok(prepared) => Some(prepared),
-            Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            // Only a panic ends the thread while the operator lives.
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                panic!("the prefetch thread stopped (see the panic above)")
-            }
-        }
-    }
-}
+/// A worker's fetch-and-decode thread: takes chunks in order and hands them back
+/// prepared, in the same order.
+type Prefetcher = Background<Vec<Change>, Prepared>;
 
 /// Fetches a chunk's objects at once (concurrently on object stores) and decodes them.
 fn prepare(changes: Vec<Change>, source: &dyn Source, preparer: &super::Preparer) -> Prepared {

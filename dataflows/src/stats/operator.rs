@@ -3,6 +3,7 @@
 //! the epoch is complete everywhere.
 
 use super::{kmeans::EpochPoint, KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
+use crate::background::Background;
 use crate::embed::operator::RowUpdate;
 use crate::metrics::timed;
 use crate::record::Epoch;
@@ -105,15 +106,15 @@ pub fn models<'s>(
                         break;
                     }
                     let (cap, partial, points) = entry.remove();
-                    let fitter: &Fitter = fitter.get_or_insert_with(|| {
+                    let fitter: &mut Fitter = fitter.get_or_insert_with(|| {
                         let (models, pca, kmeans, activator) = seed.take().expect("one fitter");
-                        Fitter::start(models, pca, kmeans, activator)
+                        start_fitter(models, pca, kmeans, activator)
                     });
-                    fitter.submit(t, partial, points);
+                    fitter.submit((t, partial, points));
                     fitting.insert(t, cap);
                 }
-                if let Some(fitter) = &fitter {
-                    for (t, fitted) in fitter.finished() {
+                if let Some(fitter) = fitter.as_mut() {
+                    while let Some((t, fitted)) = fitter.try_next() {
                         let cap = fitting.remove(&t).expect("a capability per fit");
                         output.session(&cap).give(fitted);
                     }
@@ -123,82 +124,33 @@ pub fn models<'s>(
     )
 }
 
-/// Activates the models operator when dropped.
-struct WakeOnExit<'a>(&'a timely::scheduling::SyncActivator);
-
-impl Drop for WakeOnExit<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.activate();
-    }
-}
-
 /// One epoch's merged moments and points, to fold into the models.
 type FitJob = (Epoch, Option<Moments>, Vec<EpochPoint>);
 
 /// The thread that owns the models and folds epochs in, one after another.
-struct Fitter {
-    jobs: std::sync::mpsc::Sender<FitJob>,
-    done: std::sync::mpsc::Receiver<(Epoch, Models)>,
-}
+type Fitter = Background<FitJob, (Epoch, Models)>;
 
-impl Fitter {
-    fn start(
-        mut models: Models,
-        pca: PcaConfig,
-        kmeans: KMeansConfig,
-        activator: timely::scheduling::SyncActivator,
-    ) -> Self {
-        let (jobs, inbox) = std::sync::mpsc::channel::<FitJob>();
-        let (outbox, done) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("models".into())
-            .spawn(move || {
-                // Wakes the operator however the thread ends, a panic included.
-                let _wake = WakeOnExit(&activator);
-                // Ends when the operator (the job sender) is dropped.
-                for (t, partial, points) in inbox {
-                    let started = std::time::Instant::now();
-                    let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
-                    timed("models", || {
-                        models.apply_epoch(&partial, points, &pca, &kmeans)
-                    });
-                    tracing::debug!(
-                        stage = "stats",
-                        epoch = t,
-                        n = models.moments.n,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "Models updated."
-                    );
-                    if outbox.send((t, models.clone())).is_err() || activator.activate().is_err()
-                    {
-                        break;
-                    }
-                }
-            })
-            .expect("spawning the models thread");
-        Fitter { jobs, done }
-    }
-
-    fn submit(&self, t: Epoch, partial: Option<Moments>, points: Vec<EpochPoint>) {
-        // The thread only stops when this sender is dropped or a panic took it down; the
-        // panic is already reported, and the epoch then never completes.
-        let _ = self.jobs.send((t, partial, points));
-    }
-
-    fn finished(&self) -> Vec<(Epoch, Models)> {
-        let mut out = Vec::new();
-        loop {
-            match self.done.try_recv() {
-                Ok(fitted) => out.push(fitted),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return out,
-                // Only a panic ends the thread while the operator lives: fail loudly rather
-                // than wait forever for an epoch that cannot complete.
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    panic!("the models thread stopped (see the panic above)")
-                }
-            }
-        }
-    }
+fn start_fitter(
+    mut models: Models,
+    pca: PcaConfig,
+    kmeans: KMeansConfig,
+    wake: timely::scheduling::SyncActivator,
+) -> Fitter {
+    Background::start("models", wake, move |(t, partial, points): FitJob| {
+        let started = std::time::Instant::now();
+        let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
+        timed("models", || {
+            models.apply_epoch(&partial, points, &pca, &kmeans)
+        });
+        tracing::debug!(
+            stage = "stats",
+            epoch = t,
+            n = models.moments.n,
+            seconds = started.elapsed().as_secs_f64(),
+            "Models updated."
+        );
+        (t, models.clone())
+    })
 }
 
 #[cfg(test)]
