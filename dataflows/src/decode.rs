@@ -3,10 +3,7 @@
 //! never a panic: the dataflow records it and carries on.
 
 use crate::record::ErrorKind;
-use image::{
-    ColorType, DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat,
-    RgbImage,
-};
+use image::{ColorType, DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
@@ -248,8 +245,13 @@ impl Preprocess {
 fn resize(image: &RgbImage, size: u32) -> Vec<u8> {
     use fast_image_resize::{images::Image, images::ImageRef, FilterType, PixelType};
     use fast_image_resize::{ResizeAlg, ResizeOptions, Resizer};
-    let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
-        .expect("an RgbImage buffer holds width x height RGB pixels");
+    let src = ImageRef::new(
+        image.width(),
+        image.height(),
+        image.as_raw(),
+        PixelType::U8x3,
+    )
+    .expect("an RgbImage buffer holds width x height RGB pixels");
     let mut dst = Image::new(size, size, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new()

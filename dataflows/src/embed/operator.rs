@@ -76,16 +76,22 @@ pub fn embed<'s>(
                 });
                 // Keep the prefetcher one chunk ahead of the one being embedded.
                 while prefetching.len() < 2 {
-                    let Some((cap, chunk)) = waiting.pop_front() else { break };
+                    let Some((cap, chunk)) = waiting.pop_front() else {
+                        break;
+                    };
                     prefetcher.submit(chunk);
                     prefetching.push_back(cap);
                 }
                 // Not ready yet: the prefetcher activates this operator when it is.
-                let Some(prepared) = prefetcher.try_next() else { return };
+                let Some(prepared) = prefetcher.try_next() else {
+                    return;
+                };
                 let cap = prefetching.pop_front().expect("a capability per chunk");
                 let epoch = *cap.time();
                 let mut session = output.session(&cap);
-                embed_prepared(prepared, epoch, &mut embedder, &mut owned, |o| session.give(o));
+                embed_prepared(prepared, epoch, &mut embedder, &mut owned, |o| {
+                    session.give(o)
+                });
                 drop(session);
                 if let Some((cap, chunk)) = waiting.pop_front() {
                     prefetcher.submit(chunk);
@@ -160,7 +166,12 @@ fn embed_prepared(
                     metrics().error(kind.as_str());
                     tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
                     let key = change.key.clone();
-                    give(Outcome::Error(ErrorRecord { key, kind, reason, epoch }));
+                    give(Outcome::Error(ErrorRecord {
+                        key,
+                        kind,
+                        reason,
+                        epoch,
+                    }));
                 }
             }
         }

@@ -245,7 +245,11 @@ fn assign_all(centres: &[Vec<f64>], points: &[Vec<f64>]) -> Vec<usize> {
 }
 
 /// Per-cluster member counts and coordinate sums, in one pass over the points.
-fn cluster_sums(points: &[Vec<f64>], assignment: &[usize], k: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
+fn cluster_sums(
+    points: &[Vec<f64>],
+    assignment: &[usize],
+    k: usize,
+) -> (Vec<usize>, Vec<Vec<f64>>) {
     let d = points.first().map_or(0, Vec::len);
     let (mut counts, mut sums) = (vec![0usize; k], vec![vec![0.0f64; d]; k]);
     for (p, &a) in points.iter().zip(assignment) {
