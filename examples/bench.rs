@@ -21,7 +21,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
-use fruits_dataflows::decode::{decode, DecodeConfig};
+use fruits_dataflows::decode::DecodeConfig;
 use fruits_dataflows::embed::{EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
 use std::path::{Path, PathBuf};
@@ -69,14 +69,10 @@ fn main() -> Result<()> {
     let size = embedder.preprocess().size;
     println!("input size: {size}x{size}");
     let started = Instant::now();
-    let mut tensors = Vec::with_capacity(bytes.len());
-    for b in &bytes {
-        let mut t = Vec::new();
-        embedder
-            .preprocess()
-            .tensor_into(&decode(b, &DecodeConfig::default())?, &mut t);
-        tensors.push(t);
-    }
+    let tensors = bytes
+        .iter()
+        .map(|b| embedder.input_tensor(b))
+        .collect::<Result<Vec<_>, _>>()?;
     let decode_rate = bytes.len() as f64 / started.elapsed().as_secs_f64();
     println!("decode+resize alone (1 thread): {decode_rate:.0} images/s");
 

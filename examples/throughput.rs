@@ -6,7 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use fruits_dataflows::decode::{decode, DecodeConfig};
+use fruits_dataflows::decode::DecodeConfig;
 use fruits_dataflows::embed::{EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
 use std::time::Instant;
@@ -41,14 +41,10 @@ fn main() -> anyhow::Result<()> {
     let mut embedder = Embedder::load(&config, &DecodeConfig::default())?;
 
     let started = Instant::now();
-    let mut tensors = Vec::new();
-    for b in &bytes {
-        let mut t = Vec::new();
-        embedder
-            .preprocess()
-            .tensor_into(&decode(b, &DecodeConfig::default())?, &mut t);
-        tensors.push(t);
-    }
+    let tensors = bytes
+        .iter()
+        .map(|b| embedder.input_tensor(b))
+        .collect::<Result<Vec<_>, _>>()?;
     let decode_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for t in &tensors {

@@ -313,6 +313,15 @@ impl Embedder {
         self.embed_pixels(&pixels)
     }
 
+    /// The model input tensor for one image file's bytes, built as the embed stage
+    /// builds it (decode, resize, normalise).
+    pub fn input_tensor(&self, bytes: &[u8]) -> Result<Vec<f32>, EmbedError> {
+        let mut tensor = Vec::new();
+        self.preprocess
+            .normalize_into(&self.preparer().prepare(bytes)?, &mut tensor);
+        Ok(tensor)
+    }
+
     /// What turns file bytes into model-sized pixels; it can run on another thread.
     pub fn preparer(&self) -> Preparer {
         Preparer {

@@ -74,14 +74,7 @@ pub fn embed<'s>(
                         prepare(chunk, source.as_ref(), &preparer)
                     })
                 });
-                // Keep the prefetcher one chunk ahead of the one being embedded.
-                while prefetching.len() < 2 {
-                    let Some((cap, chunk)) = waiting.pop_front() else {
-                        break;
-                    };
-                    prefetcher.submit(chunk);
-                    prefetching.push_back(cap);
-                }
+                top_up(prefetcher, &mut waiting, &mut prefetching);
                 // Not ready yet: the prefetcher activates this operator when it is.
                 let Some(prepared) = prefetcher.try_next() else {
                     return;
@@ -93,10 +86,7 @@ pub fn embed<'s>(
                     session.give(o)
                 });
                 drop(session);
-                if let Some((cap, chunk)) = waiting.pop_front() {
-                    prefetcher.submit(chunk);
-                    prefetching.push_back(cap);
-                }
+                top_up(prefetcher, &mut waiting, &mut prefetching);
                 if prefetcher.has_next() {
                     activator.activate();
                 }
@@ -114,6 +104,22 @@ const FETCH_CHUNK: usize = 64;
 struct Prepared {
     changes: Vec<Change>,
     pixels: HashMap<ImageKey, Result<Vec<u8>, (ErrorKind, String)>>,
+}
+
+/// Hands waiting chunks to the prefetcher until it holds two: the one the CNN takes next
+/// and the one after, so fetching and decoding stay a chunk ahead.
+fn top_up(
+    prefetcher: &Prefetcher,
+    waiting: &mut VecDeque<(Capability<Epoch>, Vec<Change>)>,
+    prefetching: &mut VecDeque<Capability<Epoch>>,
+) {
+    while prefetching.len() < 2 {
+        let Some((cap, chunk)) = waiting.pop_front() else {
+            break;
+        };
+        prefetcher.submit(chunk);
+        prefetching.push_back(cap);
+    }
 }
 
 /// A worker's fetch-and-decode thread: takes chunks in order and hands them back

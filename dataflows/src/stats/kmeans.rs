@@ -152,7 +152,12 @@ impl KMeans {
             let next = assign_all(&centres, &projected);
             let stable = next == assignment;
             assignment = next;
-            let (counts, sums) = cluster_sums(&projected, &assignment, centres.len());
+            let (counts, sums) = cluster_sums(
+                projected.iter().map(Vec::as_slice),
+                &assignment,
+                centres.len(),
+                centres[0].len(),
+            );
             for ((centre, n), sum) in centres.iter_mut().zip(counts).zip(sums) {
                 if n > 0 {
                     *centre = sum.iter().map(|s| s / n as f64).collect();
@@ -162,20 +167,19 @@ impl KMeans {
                 break;
             }
         }
-        let d = pending[0].1.len();
-        self.centroids = (0..centres.len())
-            .map(|c| {
-                let members = pending
-                    .iter()
-                    .zip(&assignment)
-                    .filter(|(_, &a)| a == c)
-                    .map(|(p, _)| &p.1);
-                mean(members, d)
-            })
+        // The centroids live in raw space: each cluster's mean of its raw points.
+        let (counts, sums) = cluster_sums(
+            raw.iter().copied(),
+            &assignment,
+            centres.len(),
+            pending[0].1.len(),
+        );
+        self.centroids = sums
+            .into_iter()
+            .zip(&counts)
+            .map(|(sum, &n)| sum.iter().map(|s| s / n.max(1) as f64).collect())
             .collect();
-        self.weights = (0..centres.len())
-            .map(|c| assignment.iter().filter(|&&a| a == c).count() as f64)
-            .collect();
+        self.weights = counts.iter().map(|&n| n as f64).collect();
         // A centre that lost all members keeps its seed point in raw space.
         for (c, &i) in chosen.iter().enumerate() {
             if self.weights[c] == 0.0 {
@@ -208,16 +212,6 @@ impl KMeans {
     }
 }
 
-fn mean<'a>(rows: impl Iterator<Item = &'a Vec<f64>>, d: usize) -> Vec<f64> {
-    let mut sum = vec![0.0; d];
-    let mut n = 0usize;
-    for r in rows {
-        sum.iter_mut().zip(r).for_each(|(s, v)| *s += v);
-        n += 1;
-    }
-    sum.iter().map(|s| s / n.max(1) as f64).collect()
-}
-
 /// Squared distance, summed in four lanes so the compiler can vectorise it (a strict
 /// left-to-right sum cannot be); the order is fixed, so results stay deterministic.
 fn dist2(a: &[f64], b: &[f64]) -> f64 {
@@ -245,14 +239,14 @@ fn assign_all(centres: &[Vec<f64>], points: &[Vec<f64>]) -> Vec<usize> {
 }
 
 /// Per-cluster member counts and coordinate sums, in one pass over the points.
-fn cluster_sums(
-    points: &[Vec<f64>],
+fn cluster_sums<'a>(
+    points: impl IntoIterator<Item = &'a [f64]>,
     assignment: &[usize],
     k: usize,
+    d: usize,
 ) -> (Vec<usize>, Vec<Vec<f64>>) {
-    let d = points.first().map_or(0, Vec::len);
     let (mut counts, mut sums) = (vec![0usize; k], vec![vec![0.0f64; d]; k]);
-    for (p, &a) in points.iter().zip(assignment) {
+    for (p, &a) in points.into_iter().zip(assignment) {
         counts[a] += 1;
         sums[a].iter_mut().zip(p).for_each(|(s, v)| *s += v);
     }
