@@ -68,7 +68,7 @@ fn main() -> Result<()> {
     let mut confusion: BTreeMap<(String, String), usize> = BTreeMap::new();
     for (name, config) in variants {
         let is_default = config == default;
-        let classifier = Classifier::new(&checkpoint, &rows, config)?;
+        let classifier = Classifier::with_points(&checkpoint, &rows, config)?;
         let (mut top1, mut top3) = (0, 0);
         let started = Instant::now();
         for (label, x) in &tests {

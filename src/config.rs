@@ -16,6 +16,9 @@ pub struct ClusterSection {
     pub hosts: Vec<String>,
     /// Default worker threads per process (-w overrides).
     pub workers: Option<usize>,
+    /// Seconds a process may go unheard before the others give up on it (stopped,
+    /// hung or unreachable) and exit for a restart. Default 60.
+    pub liveness_timeout_s: Option<u64>,
 }
 
 /// The whole file.
@@ -53,6 +56,28 @@ pub fn timely_config(args: &ClusterArgs, file: &FileConfig) -> Result<timely::Co
         args.processes
     );
     let communication = if args.processes > 1 {
+        let addresses = addresses(args, file)?;
+        timely::CommunicationConfig::Cluster {
+            threads: workers,
+            process: args.process,
+            addresses,
+            report: args.report,
+            zerocopy: false,
+        }
+    } else if workers > 1 {
+        timely::CommunicationConfig::Process(workers)
+    } else {
+        timely::CommunicationConfig::Thread
+    };
+    Ok(timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+/// The `host:port` of every process: from the hostfile, cluster.toml, or localhost.
+pub fn addresses(args: &ClusterArgs, file: &FileConfig) -> Result<Vec<String>> {
+    {
         let addresses = if let Some(hostfile) = &args.hostfile {
             let text = std::fs::read_to_string(hostfile)
                 .with_context(|| format!("reading hostfile {}", hostfile.display()))?;
@@ -75,20 +100,6 @@ pub fn timely_config(args: &ClusterArgs, file: &FileConfig) -> Result<timely::Co
             args.processes,
             addresses.len()
         );
-        timely::CommunicationConfig::Cluster {
-            threads: workers,
-            process: args.process,
-            addresses: addresses[..args.processes].to_vec(),
-            report: args.report,
-            zerocopy: false,
-        }
-    } else if workers > 1 {
-        timely::CommunicationConfig::Process(workers)
-    } else {
-        timely::CommunicationConfig::Thread
-    };
-    Ok(timely::Config {
-        communication,
-        worker: timely::WorkerConfig::default(),
-    })
+        Ok(addresses[..args.processes].to_vec())
+    }
 }

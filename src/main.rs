@@ -225,6 +225,21 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     let timely = config::timely_config(&args.cluster, &file)?;
+    let liveness = if args.cluster.processes > 1 {
+        let cluster = fruits_dataflows::liveness::Cluster {
+            hosts: config::addresses(&args.cluster, &file)?,
+            process: args.cluster.process,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        };
+        fruits_dataflows::liveness::install_panic_hook(cluster.clone());
+        let timeout = file.cluster.liveness_timeout_s.unwrap_or(60).max(1);
+        Some(fruits_dataflows::liveness::Watch::new(
+            cluster,
+            std::time::Duration::from_secs(timeout),
+        ))
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -241,6 +256,7 @@ fn run(args: RunArgs) -> Result<()> {
         stop,
         pipeline,
         single_process: args.cluster.processes == 1,
+        liveness,
     };
     if let Some(listen) = args.serve.filter(|_| args.cluster.process == 0) {
         let endpoint = serve_options(

@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result};
 use fruits_dataflows::sink::OutputStore;
-use fruits_dataflows::state::{live_rows, load_committed, Checkpoint};
+use fruits_dataflows::state::{
+    for_each_live_file, load_committed, load_history, Archive, Checkpoint, EpochSummary,
+};
 use fruits_dataflows::stats::PcaModel;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
@@ -58,6 +60,47 @@ pub struct Report {
     pub pngs: Vec<PathBuf>,
 }
 
+/// Points plotted at most: a fixed-size sample keeps the report's memory and the PNG
+/// readable whatever the archive's size.
+const MAX_POINTS: usize = 20_000;
+
+/// One streaming pass over the live rows (one embeddings file at a time): the exact
+/// cluster x label table, and a sample of at most [`MAX_POINTS`] points chosen by a
+/// stable hash of the key (the same sample on every run).
+fn scan(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    pca: &PcaModel,
+    labels: &[String],
+) -> Result<(Vec<Point>, BTreeMap<(usize, usize), usize>)> {
+    let archive = Archive::load(store, checkpoint, |_| true)?;
+    let stride = (checkpoint.images().max(0) as u64)
+        .div_ceil(MAX_POINTS as u64)
+        .max(1);
+    let mut points = Vec::new();
+    let mut table: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    for_each_live_file(store, checkpoint, &archive, |rows| {
+        let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
+        let projected = pca.project_many(&raw);
+        let clusters = checkpoint.models.kmeans.assign_projected(&projected, pca);
+        for (((row, _), p), cluster) in rows.iter().zip(&projected).zip(clusters) {
+            let label = labels.binary_search(&row.label.0).unwrap_or(0);
+            if let Some(c) = cluster {
+                *table.entry((c, label)).or_default() += 1;
+            }
+            if points.len() < MAX_POINTS && row.key.bucket_hash() % stride == 0 {
+                points.push(Point {
+                    label,
+                    cluster,
+                    pc: [p[0], p.get(1).copied().unwrap_or(0.0)],
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok((points, table))
+}
+
 /// Writes the PNGs beside `html` and the page itself.
 pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Result<Report> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
@@ -68,21 +111,8 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
         .pca
         .as_ref()
         .context("no PCA model yet: the output holds fewer than two images")?;
-    let rows = live_rows(store, &checkpoint)?;
     let labels: Vec<String> = checkpoint.labels.keys().cloned().collect();
-    let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
-    let projected = pca.project_many(&raw);
-    let clusters = checkpoint.models.kmeans.assign_projected(&projected, pca);
-    let points: Vec<Point> = rows
-        .iter()
-        .zip(&projected)
-        .zip(clusters)
-        .map(|(((row, _), p), cluster)| Point {
-            label: labels.binary_search(&row.label.0).unwrap_or(0),
-            cluster,
-            pc: [p[0], p.get(1).copied().unwrap_or(0.0)],
-        })
-        .collect();
+    let (points, table) = scan(store, &checkpoint, pca, &labels)?;
     let dir = html.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let k_clusters = checkpoint.models.kmeans.centroids.len();
@@ -93,12 +123,13 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
     ];
     draw_variance(&pngs[0], pca, variance_target).context("drawing variance.png")?;
     draw_scatter(&pngs[1], &points, &labels, k_clusters).context("drawing scatter.png")?;
-    draw_history(&pngs[2], &checkpoint, &labels).context("drawing labels_over_time.png")?;
+    let history = load_history(store, &checkpoint)?;
+    draw_history(&pngs[2], &history, &labels).context("drawing labels_over_time.png")?;
     let page = page(
         &checkpoint,
         pca,
         &labels,
-        &points,
+        &table,
         k_clusters,
         variance_target,
     );
@@ -287,10 +318,9 @@ fn scatter_panel(
     Ok(())
 }
 
-fn draw_history(path: &Path, checkpoint: &Checkpoint, labels: &[String]) -> Result<()> {
+fn draw_history(path: &Path, history: &[EpochSummary], labels: &[String]) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let history = &checkpoint.history;
     let last = history.last().map_or(1, |h| h.epoch).max(1) as f64;
     let first = history.first().map_or(0, |h| h.epoch) as f64;
     let top = history
@@ -359,16 +389,10 @@ fn page(
     checkpoint: &Checkpoint,
     pca: &PcaModel,
     labels: &[String],
-    points: &[Point],
+    table: &BTreeMap<(usize, usize), usize>,
     clusters: usize,
     target: f64,
 ) -> String {
-    let mut table: BTreeMap<(usize, usize), usize> = BTreeMap::new();
-    for p in points {
-        if let Some(c) = p.cluster {
-            *table.entry((c, p.label)).or_default() += 1;
-        }
-    }
     let mut rows = String::new();
     rows.push_str("<tr><th>cluster \\ label</th>");
     for l in labels {
@@ -421,7 +445,7 @@ KMeans: {clusters} clusters.</p>
         source = escape(&checkpoint.source),
         images = checkpoint.images(),
         nlabels = labels.len(),
-        errors = checkpoint.errors.len(),
+        errors = checkpoint.errors,
         d = checkpoint.models.moments.dim,
         k = pca.k,
         explained = pca.explained_variance() * 100.0,

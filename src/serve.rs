@@ -19,7 +19,7 @@ use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::io::S3Config;
 use fruits_dataflows::metrics::{metrics, Labels};
 use fruits_dataflows::sink::{self, models::status, OutputStore};
-use fruits_dataflows::state::{Checkpoint, StoredFiles};
+use fruits_dataflows::state::Checkpoint;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -197,10 +197,10 @@ impl App {
         self.state_images.set(c.images());
         self.state_epoch.set(c.epoch as i64);
         self.state_errors.clear();
-        for e in c.errors.values() {
+        for (kind, count) in &c.errors_by_kind {
             self.state_errors
-                .get_or_create(&vec![("kind".into(), e.kind.as_str().into())])
-                .inc();
+                .get_or_create(&vec![("kind".into(), kind.clone())])
+                .inc_by(*count as i64);
         }
         *self.live.write().expect("lock") = Some(Arc::new(live));
     }
@@ -223,8 +223,6 @@ impl App {
 async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions) {
     let mut seen: Option<Vec<u8>> = None;
     let mut embedder: Option<Embedder> = None;
-    // Decoded embeddings files, kept across reloads: each is read once.
-    let mut files = Some(StoredFiles::default());
     loop {
         let store2 = store.clone();
         let pointer = tokio::task::spawn_blocking(move || store2.get("state/CURRENT")).await;
@@ -232,22 +230,18 @@ async fn watch(app: Arc<App>, store: Arc<dyn OutputStore>, options: ServeOptions
             Ok(Ok(Some(p))) if seen.as_ref() != Some(&p) => {
                 let (store2, options2, previous) =
                     (store.clone(), options.clone(), embedder.clone());
-                let mut cache = files.take().unwrap_or_default();
+                // O(models): the default classifier needs no stored point.
                 let loaded = tokio::task::spawn_blocking(move || {
-                    let live = load_live(store2.as_ref(), &options2, previous, &mut cache);
-                    (live, cache)
+                    load_live(store2.as_ref(), &options2, previous)
                 })
-                .await
-                .map(|(live, cache)| {
-                    files = Some(cache);
-                    live
-                });
+                .await;
                 match loaded {
                     Ok(Ok(live)) => {
                         tracing::info!(
                             stage = "serve",
                             epoch = live.checkpoint.epoch,
-                            images = live.classifier.len(),
+                            images = live.checkpoint.images(),
+                            points_held = live.classifier.points(),
                             labels = live.classifier.labels().len(),
                             "Models loaded."
                         );
@@ -276,9 +270,8 @@ fn load_live(
     store: &dyn OutputStore,
     options: &ServeOptions,
     embedder: Option<Embedder>,
-    files: &mut StoredFiles,
 ) -> Result<Live> {
-    let (checkpoint, classifier) = classify::load_cached(store, &options.classify, files)?;
+    let (checkpoint, classifier) = classify::load(store, &options.classify)?;
     let embedder = match embedder {
         Some(e) => e,
         None => {

@@ -1,6 +1,7 @@
 //! Classify: names the fruit in a new photo from the live state of an output. The photo
 //! goes through the same decode → embed → scaler → PCA path as the archive; the
-//! classifier compares it with the stored labelled embeddings in PCA space.
+//! classifier compares it with the label means (from the per-label sums the pipeline
+//! keeps: O(labels x d), no stored point) or, for kNN, with the stored points.
 //!
 //! Two methods, chosen by measurement (README, "Accuracy"):
 //! - `nearest_mean`: distance to each label's mean (one vector per label, cheap);
@@ -9,11 +10,12 @@
 //!   `neighbours = 1` it is plain 1-NN.
 //!
 //! Scores are a softmax over −distance² / τ, with τ the mean squared distance of the
-//! stored images to their own label mean: comparable across labels, summing to 1.
+//! live images to their own label mean (exact from the moments and per-label sums):
+//! comparable across labels, summing to 1.
 
 use crate::record::ImageRow;
 use crate::state::Checkpoint;
-use crate::stats::{KMeans, PcaModel};
+use crate::stats::{KMeans, LabelStats, PcaModel};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -71,25 +73,33 @@ pub struct Prediction {
     pub model_epoch: u64,
 }
 
-/// Labelled points in PCA space and the models that put them there.
+/// Label means (and, for kNN, labelled points) in PCA space, and the models that put
+/// them there.
 pub struct Classifier {
     pca: PcaModel,
     kmeans: KMeans,
     epoch: u64,
     labels: Vec<String>,
-    /// Label index of each stored point.
-    point_label: Vec<u32>,
-    /// Stored points, row-major, `pca.k` values each.
-    points: Vec<f32>,
+    /// Stored points, for `knn` only.
+    points: Option<Points>,
     /// Label means in PCA space.
     means: Vec<Vec<f64>>,
     tau: f64,
     config: ClassifyConfig,
 }
 
+/// Labelled points in PCA space (what kNN compares against: O(images x k) memory).
+struct Points {
+    /// Label index of each stored point.
+    label: Vec<u32>,
+    /// Row-major, `pca.k` values each.
+    values: Vec<f32>,
+}
+
 impl Classifier {
-    /// Builds the classifier from a checkpoint and its live stored rows.
-    pub fn new(checkpoint: &Checkpoint, rows: &[ImageRow], config: ClassifyConfig) -> Result<Self> {
+    /// The nearest-mean classifier of a checkpoint: built from the per-label sums and the
+    /// moments alone, O(labels x d), no stored point read.
+    pub fn new(checkpoint: &Checkpoint, config: ClassifyConfig) -> Result<Self> {
         let pca = checkpoint
             .models
             .pca
@@ -99,45 +109,50 @@ impl Classifier {
             config.neighbours > 0,
             "[classify] neighbours must be positive"
         );
-        let mut labels: Vec<String> = rows.iter().map(|r| r.label.0.clone()).collect();
-        labels.sort();
-        labels.dedup();
-        let k = pca.k;
-        let mut points = Vec::with_capacity(rows.len() * k);
-        let mut point_label = Vec::with_capacity(rows.len());
-        let mut sums = vec![vec![0.0f64; k]; labels.len()];
-        let mut counts = vec![0usize; labels.len()];
-        let raw: Vec<Vec<f64>> = rows.iter().map(|r| r.embedding.to_f64()).collect();
-        let projected = pca.project_many(&raw);
-        for (row, p) in rows.iter().zip(projected) {
-            let l = labels.binary_search(&row.label.0).expect("label collected");
-            sums[l].iter_mut().zip(&p).for_each(|(s, v)| *s += v);
-            counts[l] += 1;
-            points.extend(p.iter().map(|&v| v as f32));
-            point_label.push(l as u32);
-        }
-        let means: Vec<Vec<f64>> = sums
-            .into_iter()
-            .zip(&counts)
-            .map(|(s, &c)| s.into_iter().map(|v| v / c.max(1) as f64).collect())
-            .collect();
-        let spread: f64 = point_label
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| dist2_f32(&points[i * k..(i + 1) * k], &means[l as usize]))
-            .sum();
-        let tau = (spread / rows.len().max(1) as f64).max(f64::MIN_POSITIVE);
+        let dim = checkpoint.models.moments.dim;
+        let live: Vec<(&String, &LabelStats)> =
+            checkpoint.labels.iter().filter(|(_, s)| s.n > 0).collect();
+        let labels: Vec<String> = live.iter().map(|(l, _)| (*l).clone()).collect();
+        let raw_means: Vec<Vec<f64>> = live.iter().map(|(_, s)| s.mean(dim)).collect();
+        let means = pca.project_many(&raw_means);
+        let stats: Vec<&LabelStats> = live.iter().map(|(_, s)| *s).collect();
+        let tau =
+            within_label_spread(&checkpoint.models.moments, &stats, &pca).max(f64::MIN_POSITIVE);
         Ok(Classifier {
             kmeans: checkpoint.models.kmeans.clone(),
             epoch: checkpoint.epoch,
             pca,
             labels,
-            point_label,
-            points,
+            points: None,
             means,
             tau,
             config,
         })
+    }
+
+    /// The classifier with the stored points kNN needs (`rows`: the live rows).
+    pub fn with_points(
+        checkpoint: &Checkpoint,
+        rows: &[ImageRow],
+        config: ClassifyConfig,
+    ) -> Result<Self> {
+        let mut classifier = Self::new(checkpoint, config)?;
+        let k = classifier.pca.k;
+        let mut values = Vec::with_capacity(rows.len() * k);
+        let mut label = Vec::with_capacity(rows.len());
+        for block in rows.chunks(4096) {
+            let raw: Vec<Vec<f64>> = block.iter().map(|r| r.embedding.to_f64()).collect();
+            for (row, p) in block.iter().zip(classifier.pca.project_many(&raw)) {
+                let l = classifier
+                    .labels
+                    .binary_search(&row.label.0)
+                    .map_err(|_| anyhow::anyhow!("{} has no label statistics", row.key))?;
+                values.extend(p.iter().map(|&v| v as f32));
+                label.push(l as u32);
+            }
+        }
+        classifier.points = Some(Points { label, values });
+        Ok(classifier)
     }
 
     /// Labels known to the classifier.
@@ -150,14 +165,9 @@ impl Classifier {
         self.epoch
     }
 
-    /// Stored images the classifier compares against.
-    pub fn len(&self) -> usize {
-        self.point_label.len()
-    }
-
-    /// True when no image is stored.
-    pub fn is_empty(&self) -> bool {
-        self.point_label.is_empty()
+    /// Stored images the classifier holds (0 unless kNN).
+    pub fn points(&self) -> usize {
+        self.points.as_ref().map_or(0, |p| p.label.len())
     }
 
     /// Classifies one raw embedding (as `Embedding::to_f64` gives it).
@@ -165,7 +175,10 @@ impl Classifier {
         let p = self.pca.project(embedding);
         let distances = match self.config.method {
             Method::NearestMean => self.means.iter().map(|m| dist2(&p, m)).collect(),
-            Method::Knn => self.local_mean_distances(&p),
+            Method::Knn => match &self.points {
+                Some(points) => self.local_mean_distances(points, &p),
+                None => self.means.iter().map(|m| dist2(&p, m)).collect(),
+            },
         };
         let cluster = self
             .kmeans
@@ -178,12 +191,12 @@ impl Classifier {
     }
 
     /// Per label, the mean squared distance to its `neighbours` nearest stored points.
-    fn local_mean_distances(&self, p: &[f64]) -> Vec<f64> {
+    fn local_mean_distances(&self, points: &Points, p: &[f64]) -> Vec<f64> {
         let (k, m) = (self.pca.k, self.config.neighbours);
         // Per label, the m smallest distances so far, ascending.
         let mut best: Vec<Vec<f64>> = vec![Vec::with_capacity(m + 1); self.labels.len()];
-        for (i, &l) in self.point_label.iter().enumerate() {
-            let d = dist2_f32(&self.points[i * k..(i + 1) * k], p);
+        for (i, &l) in points.label.iter().enumerate() {
+            let d = dist2_f32(&points.values[i * k..(i + 1) * k], p);
             let list = &mut best[l as usize];
             if list.len() < m || d < *list.last().expect("non-empty") {
                 let at = list.partition_point(|&x| x <= d);
@@ -217,27 +230,76 @@ impl Classifier {
     }
 }
 
-/// Loads an output's committed state and builds the classifier from its live rows.
+/// Loads an output's committed state and builds its classifier: from the per-label
+/// statistics alone for `nearest_mean`, reading the stored points only for `knn`.
 pub fn load(
     store: &dyn crate::sink::OutputStore,
     config: &ClassifyConfig,
 ) -> Result<(Checkpoint, Classifier)> {
-    load_cached(store, config, &mut Default::default())
+    let checkpoint = crate::state::load_committed(store)?;
+    let classifier = match config.method {
+        Method::NearestMean => Classifier::new(&checkpoint, config.clone())?,
+        Method::Knn => {
+            let rows: Vec<ImageRow> = crate::state::live_rows(store, &checkpoint)?
+                .into_iter()
+                .map(|(row, _)| row)
+                .collect();
+            Classifier::with_points(&checkpoint, &rows, config.clone())?
+        }
+    };
+    Ok((checkpoint, classifier))
 }
 
-/// [`load`], reading only the embeddings files `cache` does not hold yet.
-pub fn load_cached(
-    store: &dyn crate::sink::OutputStore,
-    config: &ClassifyConfig,
-    cache: &mut crate::state::StoredFiles,
-) -> Result<(Checkpoint, Classifier)> {
-    let checkpoint = crate::state::load_committed(store)?;
-    let rows: Vec<ImageRow> = crate::state::live_rows_cached(store, &checkpoint, cache)?
-        .into_iter()
-        .map(|(row, _)| row)
-        .collect();
-    let classifier = Classifier::new(&checkpoint, &rows, config.clone())?;
-    Ok((checkpoint, classifier))
+/// The mean squared distance of the live images to their label mean in PCA space,
+/// exactly from the moments and the per-label sums (no point read):
+/// `(1/n) tr(A S_w Aᵀ)` with `A = Vᵀ D⁻¹` the projection and
+/// `S_w = Σxxᵀ − Σ_c s_c s_cᵀ / n_c` the within-label scatter.
+pub fn within_label_spread(
+    moments: &crate::stats::Moments,
+    labels: &[&LabelStats],
+    pca: &PcaModel,
+) -> f64 {
+    use faer::Mat;
+    let (d, k) = (moments.dim, pca.k);
+    if moments.n <= 0 || k == 0 {
+        return 0.0;
+    }
+    let scale = (1u64 << crate::record::FIXED_POINT_SHIFT) as f64;
+    // B = D⁻¹ V (d x k): the projection's rows, unstandardized.
+    let std = &pca.scaler.std;
+    let b = Mat::<f64>::from_fn(d, k, |r, c| {
+        if std[r] > 0.0 {
+            pca.components[c][r] / std[r]
+        } else {
+            0.0
+        }
+    });
+    let ss = Mat::<f64>::from_fn(d, d, |i, j| {
+        let (i, j) = (i.min(j), i.max(j));
+        moments.ss[moments.packed(i, j)] as f64 / (scale * scale)
+    });
+    let mut ssb = Mat::<f64>::zeros(d, k);
+    faer::linalg::matmul::matmul(
+        ssb.as_mut(),
+        faer::Accum::Replace,
+        ss.as_ref(),
+        b.as_ref(),
+        1.0,
+        faer::Par::rayon(0),
+    );
+    let mut total = 0.0;
+    for c in 0..k {
+        total += (0..d).map(|r| b[(r, c)] * ssb[(r, c)]).sum::<f64>();
+    }
+    for stats in labels.iter().filter(|s| s.n > 0) {
+        for c in 0..k {
+            let dot: f64 = (0..d)
+                .map(|r| b[(r, c)] * stats.sum[r] as f64 / scale)
+                .sum();
+            total -= dot * dot / stats.n as f64;
+        }
+    }
+    (total / moments.n as f64).max(0.0)
 }
 
 fn dist2(a: &[f64], b: &[f64]) -> f64 {
@@ -279,7 +341,34 @@ mod tests {
         let mut checkpoint = Checkpoint::empty("src".into(), 4, EmbedConfig::default());
         checkpoint.models.moments = moments_of(4, rows.iter().map(|r| (&r.embedding, 1)));
         checkpoint.models.pca = pca::fit(&checkpoint.models.moments, &PcaConfig::default());
+        for row in &rows {
+            let stats = checkpoint.labels.entry(row.label.0.clone()).or_default();
+            let (n, sum) = LabelStats::update_of(&row.embedding);
+            stats.n += n;
+            stats.sum.resize(sum.len(), 0);
+            stats.sum.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+        }
         (checkpoint, rows)
+    }
+
+    /// Batch twin of the exact spread: the mean squared distance of the projected
+    /// points to their projected label means.
+    #[test]
+    fn spread_from_moments_equals_spread_of_the_points() {
+        let (checkpoint, rows) = two_blobs();
+        let pca = checkpoint.models.pca.as_ref().unwrap();
+        let stats: Vec<&LabelStats> = checkpoint.labels.values().collect();
+        let exact = within_label_spread(&checkpoint.models.moments, &stats, pca);
+        let mut total = 0.0;
+        for (label, s) in &checkpoint.labels {
+            let mean = pca.project(&s.mean(4));
+            for row in rows.iter().filter(|r| &r.label.0 == label) {
+                total += dist2(&pca.project(&row.embedding.to_f64()), &mean);
+            }
+        }
+        let batch = total / rows.len() as f64;
+        assert!(batch > 0.0);
+        assert!((exact - batch).abs() <= 1e-9 * batch, "{exact} vs {batch}");
     }
 
     #[test]
@@ -291,7 +380,12 @@ mod tests {
                 neighbours: 3,
                 top: 2,
             };
-            let c = Classifier::new(&checkpoint, &rows, config).unwrap();
+            let c = match method {
+                Method::Knn => Classifier::with_points(&checkpoint, &rows, config).unwrap(),
+                Method::NearestMean => Classifier::new(&checkpoint, config).unwrap(),
+            };
+            let held = if method == Method::Knn { rows.len() } else { 0 };
+            assert_eq!(c.points(), held, "nearest mean holds no point");
             assert_eq!(c.labels(), ["Apple", "Kiwi"]);
             for row in &rows {
                 let p = c.predict(&row.embedding.to_f64());
@@ -307,7 +401,7 @@ mod tests {
     #[test]
     fn refuses_state_without_pca() {
         let checkpoint = Checkpoint::empty("src".into(), 4, EmbedConfig::default());
-        let err = Classifier::new(&checkpoint, &[], ClassifyConfig::default())
+        let err = Classifier::new(&checkpoint, ClassifyConfig::default())
             .err()
             .expect("no PCA");
         assert!(format!("{err:#}").contains("no PCA model"));

@@ -1,21 +1,23 @@
 //! The ingest dataflow, on one screen: source → embed → statistics → sinks → commit.
-//! Start reading here. Each worker runs [`run_worker`]; worker 0 lists the archive and
-//! cuts epochs, every worker embeds the keys it owns, and worker 0 merges statistics and
-//! commits a checkpoint per epoch.
+//! Start reading here. Each worker runs [`run_worker`]: every worker lists the folders it
+//! owns and diffs the keys it owns against its ledger shard; worker 0 cuts the changes
+//! into epochs; every worker embeds the keys it owns; per-label statistics are a
+//! differential collection; worker 0 merges the moments and commits each epoch.
 
 use crate::config::PipelineConfig;
-use crate::embed::operator::{embed, Outcome, RowUpdate};
+use crate::embed::operator::{embed, Outcome};
 use crate::embed::{EmbedConfig, Embedder};
 use crate::progress::Progress;
-use crate::record::{Change, Epoch, ImageKey};
+use crate::record::{Change, Epoch};
 use crate::sink::{operator::parquet, OutputStore};
-use crate::source::{Ledger, ListedObject, Source};
+use crate::source::{ListedObject, Shard, Source};
 use crate::state::operator::{commit, CommitItem};
-use crate::state::{discard_uncommitted, stored_rows, Checkpoint};
-use crate::stats::operator::{models, moment_partials};
+use crate::state::{discard_uncommitted, Archive, Checkpoint};
+use crate::stats::operator::{label_stats, models, moment_partials};
+use crate::stats::LabelDiff;
 use anyhow::{Context, Result};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +43,8 @@ pub struct RunOptions {
     pub pipeline: PipelineConfig,
     /// True when the cluster is this one process (progress can count live).
     pub single_process: bool,
+    /// The liveness watch over the other processes (multi-process runs).
+    pub liveness: Option<Arc<crate::liveness::Watch>>,
 }
 
 /// Checks, before any worker starts, that the source and output are reachable with the
@@ -87,11 +91,21 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         embedder.config(),
         index,
     )?;
-    let owned: HashMap<ImageKey, _> =
-        restore_owned(store.as_ref(), source.as_ref(), &checkpoint, index, peers)?;
+    // This worker's part of the ledger; worker 0 also keeps the error records.
+    let archive = Archive::load(store.as_ref(), &checkpoint, |k| k.owner(peers) == index)
+        .context("restoring the ledger")?;
+    let shard = Rc::new(RefCell::new(Shard::restore(&archive.ledger)));
+    let errors = archive.errors;
+    tracing::debug!(
+        stage = "state",
+        worker = index,
+        keys = shard.borrow().len(),
+        "Ledger shard restored."
+    );
 
     let mut changes_in = InputHandleVec::<Epoch, Change>::new();
     let mut finish_in = InputHandleVec::<Epoch, ()>::new();
+    let mut restored_in = InputHandleVec::<Epoch, (String, Epoch, LabelDiff)>::new();
     let committed = ProbeHandle::new();
     let finished = Rc::new(Cell::new(false));
 
@@ -99,7 +113,13 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         // Change: new, rewritten and deleted objects, cut into epochs by worker 0.
         let changes = scope.input_from(&mut changes_in);
         // Outcome: rows (+1/-1) of the live collection, or error records, at key owners.
-        let outcomes = embed(changes.clone(), source.clone(), embedder, owned);
+        let outcomes = embed(
+            changes.clone(),
+            source.clone(),
+            store.clone(),
+            embedder,
+            shard.clone(),
+        );
         // (ImageRow, Epoch, diff): the differential collection of live images.
         let rows = outcomes.clone().flat_map(|o| match o {
             Outcome::Row(update) => Some(update),
@@ -115,20 +135,27 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             config.pca.clone(),
             config.kmeans.clone(),
         );
+        // ((label, (n, Σx)), Epoch, ±1): per-label statistics, differential's count_total
+        // over the live rows (plus the restored state), at each label's worker.
+        let labels = label_stats(rows.clone(), scope.input_from(&mut restored_in));
         // usize: rows appended to this epoch's Parquet file.
         let written = parquet(rows.clone(), store.clone(), source.clone());
         // Epoch: committed epochs, on worker 0 (the commit point).
+        // (Epoch, CommitItem): the epoch's outcomes, gathered by the commit. Only the
+        // differential output's records carry a time other than their message's.
+        let at = |item: CommitItem| (0, item);
         let items = scope.concatenate(vec![
-            changes.map(CommitItem::Change),
-            outcomes.flat_map(|o| match o {
-                Outcome::Error(e) => Some(CommitItem::Error(e)),
+            changes.map(move |c| at(CommitItem::Change(c))),
+            outcomes.flat_map(move |o| match o {
+                Outcome::Error(e) => Some(at(CommitItem::Error(e))),
                 Outcome::Row(_) => None,
             }),
-            rows.map(|(row, _, diff): RowUpdate| CommitItem::Label(row.label.0, diff)),
-            models.map(|m| CommitItem::Models(Box::new(m))),
-            written.map(CommitItem::Written),
+            labels
+                .map(|((label, stats), t, diff)| (t, CommitItem::Label(label, stats, diff as i64))),
+            models.map(move |m| at(CommitItem::Models(Box::new(m)))),
+            written.map(move |w| at(CommitItem::Written(w))),
         ]);
-        commit(items, store.clone(), checkpoint.clone()).probe_with(&committed);
+        commit(items, store.clone(), checkpoint.clone(), errors).probe_with(&committed);
         // (): the stop signal, seen by every worker.
         let finished = finished.clone();
         scope
@@ -137,61 +164,64 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             .inspect(move |_| finished.set(true));
     });
 
-    // Listing rounds: every worker lists the label folders it owns; the listings meet at
-    // worker 0, which diffs them against the ledger and cuts the epochs (so epochs do not
-    // depend on the worker count).
-    let mut listed_in = InputHandleVec::<u64, Listed>::new();
-    let listed = ProbeHandle::new();
-    let gathered = Rc::new(RefCell::new(Vec::new()));
-    worker.dataflow::<u64, _, _>(|scope| {
-        let sink = gathered.clone();
-        scope
-            .input_from(&mut listed_in)
-            .exchange(|_| 0)
-            .inspect(move |l: &Listed| sink.borrow_mut().push(l.clone()))
-            .probe_with(&listed);
-    });
+    // Listing rounds, three steps each (see `Round`): worker 0 says whether a listing is
+    // due; every worker lists the label folders it owns and sends each object to its
+    // key's owner, which diffs it against its ledger shard; the owners send their changes
+    // to worker 0, which cuts them into epochs in a stable order (so epochs do not depend
+    // on the worker count).
+    let heartbeat = options
+        .liveness
+        .as_ref()
+        .map(|watch| crate::liveness::Heartbeat::new(worker, watch));
+    let mut rounds = Rounds::new(worker, heartbeat);
 
     let mut epoch = checkpoint.epoch + 1;
     changes_in.advance_to(epoch);
     finish_in.advance_to(epoch);
-    let mut lister = (index == 0).then(|| Lister::new(checkpoint.source_ledger(), options));
+    restored_in.advance_to(epoch);
+    if index == 0 {
+        // The restored per-label statistics enter the differential collection once.
+        for (label, stats) in &checkpoint.labels {
+            restored_in.send((label.clone(), epoch, stats.to_diff()));
+        }
+    }
+    drop(restored_in);
+    let mut cutter = (index == 0).then(|| EpochCutter::new(options.once));
     let mut progress = (index == 0).then(|| Progress::new(options.single_process));
     let poll = Duration::from_millis(config.source.poll_interval_ms);
-    let mut round = 0u64;
     loop {
-        // 1. A listing round (every round when tailing, the first only with --once).
-        let due = !options.once || round == 0;
+        // 1. A listing round, when worker 0's queue is empty (only the first with --once).
+        // Stopping: finish what is queued, list nothing new.
+        let stopping = options.stop.load(Ordering::Relaxed);
+        let wants = cutter.as_ref().map(|c| c.wants_listing() && !stopping);
+        let due = rounds.broadcast(worker, wants);
         if due {
-            match source.list_share(index, peers) {
-                Ok(objects) => objects
-                    .into_iter()
-                    .for_each(|o| listed_in.send(Listed::Object(o))),
+            let listing = match source.list_share(index, peers) {
+                Ok(objects) => Some(objects),
                 Err(e) => {
                     tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying next round.");
-                    listed_in.send(Listed::Failed);
+                    None
+                }
+            };
+            // A round with a failed listing is not diffed anywhere: it would delete.
+            if let Some(owned) = rounds.to_owners(worker, listing) {
+                let changes = shard.borrow_mut().diff(&owned);
+                let gathered = rounds.to_worker_zero(worker, changes);
+                if let Some(cutter) = cutter.as_mut() {
+                    cutter.offer(gathered, owned.len());
                 }
             }
         }
-        round += 1;
-        listed_in.advance_to(round);
-        while listed.less_than(&round) {
-            worker.step_or_park(Some(Duration::from_millis(100)));
-        }
-        let listing = gathered.borrow_mut().drain(..).collect::<Vec<_>>();
         // 2. Worker 0 cuts the next epoch and says when to stop.
-        if let Some(lister) = lister.as_mut() {
-            if due {
-                lister.offer(listing);
-            }
-            let changes = lister.next_epoch(config.source.epoch_size);
+        if let Some(cutter) = cutter.as_mut() {
+            let changes = cutter.next_epoch(config.source.epoch_size);
             if let Some(progress) = progress.as_mut() {
-                progress.handed(epoch, changes.len(), lister.listed_at);
+                progress.handed(epoch, changes.len(), cutter.listed_at);
             }
             for change in changes {
                 changes_in.send(change);
             }
-            if lister.done(options) {
+            if cutter.done(options) {
                 finish_in.send(());
             }
         }
@@ -200,7 +230,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         finish_in.advance_to(epoch);
         // 3. At most two epochs in flight: the next one embeds while this one commits.
         while committed.less_than(&(epoch - 1)) {
-            worker.step_or_park(Some(Duration::from_millis(100)));
+            rounds.step(worker, Duration::from_millis(100));
             if let Some(progress) = progress.as_ref() {
                 progress.tick();
             }
@@ -215,17 +245,17 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         if !options.once {
             let until = Instant::now() + poll;
             while Instant::now() < until && !options.stop.load(Ordering::Relaxed) {
-                worker.step_or_park(Some(
-                    until
-                        .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(100)),
-                ));
+                let wait = until.saturating_duration_since(Instant::now());
+                rounds.step(worker, wait.min(Duration::from_millis(100)));
             }
         }
     }
     drop(changes_in);
     drop(finish_in);
-    drop(listed_in);
+    if let Some(watch) = &options.liveness {
+        watch.stop();
+    }
+    drop(rounds);
     while worker.step_or_park(Some(Duration::from_millis(100))) {}
     if let Some(progress) = progress.as_mut() {
         progress.committed_below(Epoch::MAX);
@@ -245,13 +275,145 @@ fn committed_frontier(committed: &ProbeHandle<Epoch>) -> Epoch {
     committed.with_frontier(|f| f.iter().min().copied().unwrap_or(Epoch::MAX))
 }
 
-/// One worker's contribution to a listing round.
+/// What crosses workers in a listing round.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-enum Listed {
-    /// An object in a folder this worker owns.
+enum Round {
+    /// Worker 0 to all: whether this round lists.
+    Due(bool),
+    /// A lister to the key's owner: an object in a folder the lister owns.
     Object(ListedObject),
-    /// This worker's listing failed: the round must not be diffed (it would delete).
+    /// A lister to all: its listing failed, so nobody diffs this round.
     Failed,
+    /// An owner to worker 0: a change its diff found.
+    Change(Change),
+}
+
+/// The small dataflow that carries listing rounds: one timely round per step, each
+/// waited for on a probe, with messages routed to all workers, to key owners, or to
+/// worker 0.
+///
+/// Messages carry their round: a faster worker may already send the next round's
+/// messages while this one still waits for the current round to complete.
+struct Rounds {
+    to_all: InputHandleVec<u64, (u64, Round)>,
+    to_owner: InputHandleVec<u64, (u64, Round)>,
+    to_zero: InputHandleVec<u64, (u64, Round)>,
+    probe: ProbeHandle<u64>,
+    received: Rc<RefCell<Vec<(u64, Round)>>>,
+    round: u64,
+    heartbeat: Option<crate::liveness::Heartbeat>,
+}
+
+impl Rounds {
+    fn new(worker: &mut Worker, heartbeat: Option<crate::liveness::Heartbeat>) -> Self {
+        let (mut to_all, mut to_owner, mut to_zero) = (
+            InputHandleVec::new(),
+            InputHandleVec::new(),
+            InputHandleVec::new(),
+        );
+        let probe = ProbeHandle::new();
+        let received = Rc::new(RefCell::new(Vec::new()));
+        let peers = worker.peers() as u64;
+        worker.dataflow::<u64, _, _>(|scope| {
+            let sink = received.clone();
+            let all = scope.input_from(&mut to_all).broadcast();
+            let owners = scope
+                .input_from(&mut to_owner)
+                .exchange(move |(_, r): &(u64, Round)| match r {
+                    Round::Object(o) => o.key.bucket() % peers,
+                    _ => 0,
+                });
+            let zero = scope.input_from(&mut to_zero).exchange(|_| 0);
+            scope
+                .concatenate(vec![all, owners, zero])
+                .inspect(move |r: &(u64, Round)| sink.borrow_mut().push(r.clone()))
+                .probe_with(&probe);
+        });
+        Rounds {
+            to_all,
+            to_owner,
+            to_zero,
+            probe,
+            received,
+            round: 0,
+            heartbeat,
+        }
+    }
+
+    /// One step of this worker (the heartbeat ticks on the way).
+    fn step(&mut self, worker: &mut Worker, wait: Duration) {
+        if let Some(heartbeat) = self.heartbeat.as_mut() {
+            heartbeat.beat(worker);
+        }
+        worker.step_or_park(Some(wait));
+    }
+
+    /// Ends a round and returns what this worker received in it.
+    fn finish(&mut self, worker: &mut Worker) -> Vec<Round> {
+        self.round += 1;
+        for input in [&mut self.to_all, &mut self.to_owner, &mut self.to_zero] {
+            input.advance_to(self.round);
+        }
+        while self.probe.less_than(&self.round) {
+            self.step(worker, Duration::from_millis(100));
+        }
+        let done = self.round - 1;
+        let (now, later) = std::mem::take(&mut *self.received.borrow_mut())
+            .into_iter()
+            .partition(|(r, _)| *r == done);
+        *self.received.borrow_mut() = later;
+        now.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Worker 0's decision (`Some` on worker 0 only), seen by every worker.
+    fn broadcast(&mut self, worker: &mut Worker, decision: Option<bool>) -> bool {
+        if let Some(due) = decision {
+            self.to_all.send((self.round, Round::Due(due)));
+        }
+        self.finish(worker)
+            .iter()
+            .any(|r| matches!(r, Round::Due(true)))
+    }
+
+    /// Sends this worker's listing (None: it failed) to the key owners; returns the
+    /// objects this worker owns, or None when any worker's listing failed.
+    fn to_owners(
+        &mut self,
+        worker: &mut Worker,
+        listing: Option<Vec<ListedObject>>,
+    ) -> Option<Vec<ListedObject>> {
+        match listing {
+            Some(objects) => objects
+                .into_iter()
+                .for_each(|o| self.to_owner.send((self.round, Round::Object(o)))),
+            None => self.to_all.send((self.round, Round::Failed)),
+        }
+        let mut owned = Vec::new();
+        for r in self.finish(worker) {
+            match r {
+                Round::Object(o) => owned.push(o),
+                Round::Failed => return None,
+                _ => {}
+            }
+        }
+        owned.sort();
+        Some(owned)
+    }
+
+    /// Sends this worker's changes to worker 0; returns what worker 0 gathered (empty
+    /// elsewhere).
+    fn to_worker_zero(&mut self, worker: &mut Worker, changes: Vec<Change>) -> Vec<Change> {
+        changes
+            .into_iter()
+            .for_each(|c| self.to_zero.send((self.round, Round::Change(c))));
+        self.finish(worker)
+            .into_iter()
+            .filter_map(|r| match r {
+                Round::Change(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Loads the last checkpoint (or starts empty) and checks it belongs to this source and
@@ -299,36 +461,10 @@ fn resume(
     Ok(checkpoint)
 }
 
-/// The rows this worker owns, restored from stored embeddings (no model runs), so later
-/// deletions retract exactly what was added.
-fn restore_owned(
-    store: &dyn OutputStore,
-    source: &dyn Source,
-    checkpoint: &Checkpoint,
-    index: usize,
-    peers: usize,
-) -> Result<HashMap<ImageKey, crate::record::ImageRow>> {
-    if checkpoint.epoch == 0 {
-        return Ok(HashMap::new());
-    }
-    let rows = stored_rows(
-        store,
-        checkpoint,
-        |p| source.key_of(p),
-        |k| k.owner(peers) == index,
-    )
-    .context("restoring stored embeddings")?;
-    Ok(rows
-        .into_iter()
-        .map(|(row, _)| (row.key.clone(), row))
-        .collect())
-}
-
-/// Worker 0's view of the archive: diffs complete listings against the ledger and hands
-/// out the changes an epoch at a time. With `--once` it takes one listing; tailing, it
-/// takes a new one whenever its queue is empty.
-struct Lister {
-    ledger: Ledger,
+/// Worker 0's queue of changes: takes each accepted round's changes and hands them out
+/// an epoch at a time. With `--once` it takes one listing; tailing, it asks for a new one
+/// whenever its queue is empty.
+struct EpochCutter {
     /// When the listing that produced the queued changes was taken.
     listed_at: Instant,
     queue: VecDeque<Change>,
@@ -336,32 +472,25 @@ struct Lister {
     listed: bool,
 }
 
-impl Lister {
-    fn new(ledger: Ledger, options: &RunOptions) -> Self {
-        Lister {
-            ledger,
+impl EpochCutter {
+    fn new(once: bool) -> Self {
+        EpochCutter {
             listed_at: Instant::now(),
             queue: VecDeque::new(),
-            once: options.once,
+            once,
             listed: false,
         }
     }
 
-    /// Takes a round's listings, unless one failed or the queue still holds work.
-    fn offer(&mut self, round: Vec<Listed>) {
-        if !self.queue.is_empty() || (self.once && self.listed) {
-            return;
-        }
-        let mut listing = Vec::with_capacity(round.len());
-        for item in round {
-            match item {
-                Listed::Object(o) => listing.push(o),
-                Listed::Failed => return,
-            }
-        }
-        listing.sort();
+    /// True when the next round should list.
+    fn wants_listing(&self) -> bool {
+        self.queue.is_empty() && !(self.once && self.listed)
+    }
+
+    /// Takes a complete round's changes (`owned`: the objects worker 0 itself owns, for
+    /// the log line).
+    fn offer(&mut self, mut changes: Vec<Change>, owned: usize) {
         self.listed_at = Instant::now();
-        let mut changes = self.ledger.diff(&listing);
         // Epochs are cut in hash order, not key order: key order would put whole label
         // folders in one epoch, so the first epochs (where KMeans seeds) would see only
         // the first labels. A stable hash keeps epochs the same for any -w/-n.
@@ -375,7 +504,7 @@ impl Lister {
             tracing::info!(
                 stage = "source",
                 changes = changes.len(),
-                objects = listing.len(),
+                objects_at_worker_0 = owned,
                 "Archive listed."
             );
         }

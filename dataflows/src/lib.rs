@@ -21,6 +21,7 @@ pub mod decode;
 pub mod embed;
 pub mod ingest;
 pub mod io;
+pub mod liveness;
 pub mod metrics;
 pub mod progress;
 pub mod record;

@@ -40,6 +40,11 @@ impl ImageKey {
         xxhash_rust::xxh3::xxh3_64(self.0.as_bytes()) % BUCKETS
     }
 
+    /// A stable 64-bit hash of the key (for sampling).
+    pub fn bucket_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.0.as_bytes())
+    }
+
     /// The worker that owns this key among `peers` workers.
     pub fn owner(&self, peers: usize) -> usize {
         (self.bucket() % peers as u64) as usize

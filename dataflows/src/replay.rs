@@ -1,11 +1,10 @@
 //! Replay: rebuilds every statistic from the stored embeddings of an output, without
 //! running the model: exact moments (bit-identical to the streamed ones, which it
-//! checks), the PCA, and a KMeans fitted over all live images at once. Use it to verify
+//! checks), the PCA, and a KMeans folded in over the live images file by file. Use it to verify
 //! an output, or to refit with other `[pca]`/`[kmeans]` settings.
 
-use crate::record::ImageRow;
 use crate::sink::OutputStore;
-use crate::state::{live_rows, load_committed, Checkpoint};
+use crate::state::{for_each_live_file, load_committed, Archive, Checkpoint};
 use crate::stats::{KMeansConfig, Models, MomentsAccumulator, PcaConfig};
 use anyhow::Result;
 use std::time::Instant;
@@ -30,25 +29,29 @@ pub struct Replay {
     pub moments_identical: bool,
 }
 
-/// Rebuilds the statistics of `store`'s committed state.
+/// Rebuilds the statistics of `store`'s committed state in two streaming passes over the
+/// stored embeddings (memory: the ledger and one file): exact moments, then, under the
+/// refitted PCA, the KMeans folded in file by file as the pipeline folds epochs.
 pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -> Result<Replay> {
     let checkpoint = load_committed(store)?;
-    let started = Instant::now();
-    let rows: Vec<ImageRow> = live_rows(store, &checkpoint)?
-        .into_iter()
-        .map(|(row, _)| row)
-        .collect();
-    let read_s = started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
+    let archive = Archive::load(store, &checkpoint, |_| true)?;
     let dim = checkpoint.models.moments.dim;
     // Nothing else runs during a replay: let the matrix products use every core.
     let mut acc = MomentsAccumulator::with_parallelism(dim, faer::Par::rayon(0));
-    for row in &rows {
-        acc.add(&row.embedding, 1);
-    }
+    let (mut read_s, mut moments_s, mut images) = (0.0, 0.0, 0);
+    let mut started = Instant::now();
+    for_each_live_file(store, &checkpoint, &archive, |rows| {
+        read_s += started.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for (row, _) in &rows {
+            acc.add(&row.embedding, 1);
+        }
+        images += rows.len();
+        moments_s += t.elapsed().as_secs_f64();
+        started = Instant::now();
+        Ok(())
+    })?;
     let moments = acc.finish();
-    let moments_s = started.elapsed().as_secs_f64();
     let moments_identical = moments == checkpoint.models.moments;
 
     let started = Instant::now();
@@ -58,14 +61,17 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
     let pca_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let points = rows
-        .iter()
-        .map(|r| (r.key.clone(), r.embedding.clone(), 1))
-        .collect();
-    models.fold_points(points, kmeans);
+    for_each_live_file(store, &checkpoint, &archive, |rows| {
+        let points = rows
+            .into_iter()
+            .map(|(r, _)| (r.key, r.embedding, 1))
+            .collect();
+        models.fold_points(points, kmeans);
+        Ok(())
+    })?;
     let kmeans_s = started.elapsed().as_secs_f64();
     Ok(Replay {
-        images: rows.len(),
+        images,
         checkpoint,
         models,
         read_s,

@@ -1,14 +1,21 @@
-//! The embed stage as a timely operator. Each worker owns the keys that hash to it and
-//! keeps the rows it produced, so a deletion or rewrite retracts exactly the row that was
-//! added (the CNN never re-runs on a vanished object).
+//! The embed stage as a timely operator. Each worker owns the keys that hash to it. A
+//! deletion or rewrite retracts exactly the row that was added, read back from the
+//! embeddings file the ledger shard names (the CNN never re-runs on a vanished object,
+//! and no embedding stays in memory beyond the two epochs that may not be written yet).
 
 use super::Embedder;
 use crate::background::Background;
 use crate::metrics::{metrics, timed};
-use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
-use crate::source::Source;
+use crate::record::{
+    Change, ChangeKind, Embedding, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, Label,
+};
+use crate::sink::OutputStore;
+use crate::source::{Shard, Source};
+use crate::state::Location;
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -28,7 +35,7 @@ pub enum Outcome {
 }
 
 /// Routes each change to its owner, embeds additions and retracts what deletions remove.
-/// `owned` holds rows restored from a checkpoint for the keys this worker owns.
+/// `shard` is this worker's part of the ledger: where each owned key's row is stored.
 ///
 /// Received changes are cut into chunks. A prefetch thread fetches and decodes the
 /// next chunk while this worker runs the CNN on the current one, so object-store latency
@@ -39,12 +46,21 @@ pub enum Outcome {
 pub fn embed<'s>(
     changes: StreamVec<'s, Epoch, Change>,
     source: Arc<dyn Source>,
+    store: Arc<dyn OutputStore>,
     mut embedder: Embedder,
-    mut owned: HashMap<ImageKey, ImageRow>,
+    shard: Rc<RefCell<Shard>>,
 ) -> StreamVec<'s, Epoch, Outcome> {
     let peers = changes.scope().peers() as u64;
     let scope = changes.scope();
     let worker = scope.worker();
+    let part = scope.index() as u32;
+    let mut rows = Rows {
+        shard,
+        recent: HashMap::new(),
+        store,
+        source: source.clone(),
+        part,
+    };
     changes.unary(
         Exchange::new(move |c: &Change| c.key.bucket() % peers),
         "embed",
@@ -82,7 +98,7 @@ pub fn embed<'s>(
                 let cap = prefetching.pop_front().expect("a capability per chunk");
                 let epoch = *cap.time();
                 let mut session = output.session(&cap);
-                embed_prepared(prepared, epoch, &mut embedder, &mut owned, |o| {
+                embed_prepared(prepared, epoch, &mut embedder, &mut rows, |o| {
                     session.give(o)
                 });
                 drop(session);
@@ -147,25 +163,107 @@ fn prepare(changes: Vec<Change>, source: &dyn Source, preparer: &super::Preparer
     Prepared { changes, pixels }
 }
 
-/// Embeds a prepared chunk in order, emitting each change's outcomes.
+/// Where this worker's rows are: the ledger shard for committed epochs, plus the rows
+/// of the two epochs that may not be written yet (the driver keeps at most two in
+/// flight), so a key changed twice in quick succession still retracts what was added.
+struct Rows {
+    shard: Rc<RefCell<Shard>>,
+    recent: HashMap<ImageKey, (Epoch, ImageRow)>,
+    store: Arc<dyn OutputStore>,
+    source: Arc<dyn Source>,
+    part: u32,
+}
+
+impl Rows {
+    /// The rows the chunk's changes retract (each key's previous version, if any), read
+    /// back from their embeddings files, one read per file.
+    fn retractions(&mut self, changes: &[Change], epoch: Epoch) -> Vec<ImageRow> {
+        // Rows two epochs old are written (their epoch committed before this one began).
+        self.recent.retain(|_, (e, _)| *e + 1 >= epoch);
+        let mut out = Vec::new();
+        let mut by_file: BTreeMap<Location, Vec<ImageKey>> = BTreeMap::new();
+        let mut shard = self.shard.borrow_mut();
+        for change in changes {
+            let stored = shard.take_stored(&change.key);
+            if let Some((_, row)) = self.recent.remove(&change.key) {
+                out.push(row);
+            } else if let Some(location) = stored {
+                by_file
+                    .entry(location)
+                    .or_default()
+                    .push(change.key.clone());
+            }
+        }
+        drop(shard);
+        for (location, keys) in by_file {
+            out.extend(timed("retract", || self.read_back(location, &keys)));
+        }
+        out
+    }
+
+    /// The stored rows of `keys` in the file at `location`. A row that cannot be read
+    /// would leave the statistics wrong forever, so this is fatal.
+    fn read_back(&self, location: Location, keys: &[ImageKey]) -> Vec<ImageRow> {
+        let name = location.file();
+        let bytes = self
+            .store
+            .get(&name)
+            .and_then(|b| b.ok_or_else(|| anyhow::anyhow!("missing")))
+            .unwrap_or_else(|e| panic!("reading {name} to retract {} rows: {e:#}", keys.len()));
+        let wanted: HashMap<String, &ImageKey> =
+            keys.iter().map(|k| (self.source.path_of(k), k)).collect();
+        let rows: Vec<ImageRow> = crate::sink::parquet::decode_rows(bytes)
+            .unwrap_or_else(|e| panic!("decoding {name}: {e:#}"))
+            .into_iter()
+            .filter_map(|stored| {
+                let key = (*wanted.get(&stored.path)?).clone();
+                let embedding = Embedding::quantize(&stored.features)
+                    .unwrap_or_else(|e| panic!("{name}: row {}: {e}", stored.path));
+                Some(ImageRow {
+                    key,
+                    label: Label(stored.label),
+                    embedding,
+                })
+            })
+            .collect();
+        assert_eq!(
+            rows.len(),
+            keys.len(),
+            "{name} lacks rows the ledger places there"
+        );
+        rows
+    }
+
+    /// Records a row added in `epoch`.
+    fn added(&mut self, row: &ImageRow, epoch: Epoch) {
+        let location = Location {
+            epoch,
+            part: self.part,
+        };
+        self.shard.borrow_mut().set_stored(&row.key, location);
+        self.recent.insert(row.key.clone(), (epoch, row.clone()));
+    }
+}
+
+/// Embeds a prepared chunk, emitting each change's outcomes: first the rows its
+/// changes retract (whatever the change, the previous version leaves), then the new ones.
 fn embed_prepared(
     mut prepared: Prepared,
     epoch: Epoch,
     embedder: &mut Embedder,
-    owned: &mut HashMap<ImageKey, ImageRow>,
+    rows: &mut Rows,
     mut give: impl FnMut(Outcome),
 ) {
+    for old in rows.retractions(&prepared.changes, epoch) {
+        metrics().images_retracted.inc();
+        give(Outcome::Row((old, epoch, -1)));
+    }
     for change in &prepared.changes {
-        // Whatever the change, the previous version (if any) leaves.
-        if let Some(old) = owned.remove(&change.key) {
-            metrics().images_retracted.inc();
-            give(Outcome::Row((old, epoch, -1)));
-        }
         if let ChangeKind::Upsert { .. } = change.kind {
             match embed_one(&change.key, prepared.pixels.remove(&change.key), embedder) {
                 Ok(row) => {
                     metrics().images_ingested.inc();
-                    owned.insert(row.key.clone(), row.clone());
+                    rows.added(&row, epoch);
                     give(Outcome::Row((row, epoch, 1)));
                 }
                 Err((kind, reason)) => {

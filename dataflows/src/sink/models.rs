@@ -9,17 +9,13 @@ use serde_json::json;
 /// The status object: images, labels, errors, PCA and KMeans summaries.
 pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
     let models = &checkpoint.models;
-    let mut errors_by_kind = std::collections::BTreeMap::<&str, usize>::new();
-    for e in checkpoint.errors.values() {
-        *errors_by_kind.entry(e.kind.as_str()).or_default() += 1;
-    }
     json!({
         "epoch": checkpoint.epoch,
         "source": checkpoint.source,
         "images": checkpoint.images(),
-        "labels": checkpoint.labels,
-        "errors": checkpoint.errors.len(),
-        "errors_by_kind": errors_by_kind,
+        "labels": checkpoint.label_counts(),
+        "errors": checkpoint.errors,
+        "errors_by_kind": checkpoint.errors_by_kind,
         "pca": models.pca.as_ref().map(|p| json!({
             "k": p.k,
             "n": p.n,
@@ -72,13 +68,33 @@ pub fn write_models(
     Ok(())
 }
 
-/// Writes `models/*.json`, `errors.csv` and `status.json` for a committed checkpoint.
-pub fn publish(store: &dyn OutputStore, checkpoint: &Checkpoint) -> Result<()> {
+/// Writes `models/*.json`, `status.json` and, when `errors_changed`, `errors.csv` for
+/// a committed checkpoint whose error records are `errors`.
+pub fn publish(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    errors: &std::collections::BTreeMap<crate::record::ImageKey, crate::record::ErrorRecord>,
+    errors_changed: bool,
+) -> Result<()> {
     let models = &checkpoint.models;
     write_models(store, "models/", checkpoint.epoch, models)?;
+    if errors_changed {
+        write_errors(store, errors.values())?;
+    }
+    store.put(
+        "status.json",
+        &serde_json::to_vec_pretty(&status(checkpoint))?,
+    )?;
+    Ok(())
+}
+
+fn write_errors<'a>(
+    store: &dyn OutputStore,
+    errors: impl Iterator<Item = &'a crate::record::ErrorRecord>,
+) -> Result<()> {
     let mut csv = csv::Writer::from_writer(Vec::new());
     csv.write_record(["key", "kind", "reason", "epoch"])?;
-    for e in checkpoint.errors.values() {
+    for e in errors {
         csv.write_record([
             e.key.0.as_str(),
             e.kind.as_str(),
@@ -87,9 +103,5 @@ pub fn publish(store: &dyn OutputStore, checkpoint: &Checkpoint) -> Result<()> {
         ])?;
     }
     store.put("errors.csv", &csv.into_inner()?)?;
-    store.put(
-        "status.json",
-        &serde_json::to_vec_pretty(&status(checkpoint))?,
-    )?;
     Ok(())
 }

@@ -80,8 +80,8 @@ pub fn encode_rows(rows: &[StoredRow]) -> Result<Vec<u8>> {
     to_bytes(batch)
 }
 
-/// Encodes exported rows (path, label, features, pca_features, cluster).
-pub fn encode_export(rows: &[ExportRow<'_>]) -> Result<Vec<u8>> {
+/// One record batch of exported rows (path, label, features, pca_features, cluster).
+fn export_batch(rows: &[ExportRow<'_>]) -> Result<RecordBatch> {
     let features = f32_lists(rows.iter().map(|r| r.row.features.as_slice()));
     let mut pca = ListBuilder::new(Float64Builder::new()).with_field(Field::new(
         "element",
@@ -103,7 +103,7 @@ pub fn encode_export(rows: &[ExportRow<'_>]) -> Result<Vec<u8>> {
         Field::new("pca_features", pca.data_type().clone(), false),
         Field::new("cluster", DataType::Int32, true),
     ]);
-    let batch = RecordBatch::try_new(
+    Ok(RecordBatch::try_new(
         Arc::new(schema),
         vec![
             strings(rows.iter().map(|r| r.row.path.as_str())),
@@ -112,8 +112,49 @@ pub fn encode_export(rows: &[ExportRow<'_>]) -> Result<Vec<u8>> {
             pca,
             cluster,
         ],
-    )?;
-    to_bytes(batch)
+    )?)
+}
+
+/// Writes exported rows as one Parquet file, a row group per [`ExportWriter::write`]:
+/// memory stays one batch whatever the table's size.
+pub struct ExportWriter<W: std::io::Write + Send> {
+    out: Option<W>,
+    writer: Option<ArrowWriter<W>>,
+}
+
+impl<W: std::io::Write + Send> ExportWriter<W> {
+    /// A writer into `out`.
+    pub fn new(out: W) -> Self {
+        ExportWriter {
+            out: Some(out),
+            writer: None,
+        }
+    }
+
+    /// Appends rows as a row group.
+    pub fn write(&mut self, rows: &[ExportRow<'_>]) -> Result<()> {
+        let batch = export_batch(rows)?;
+        if self.writer.is_none() {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build();
+            let out = self.out.take().expect("one writer");
+            self.writer = Some(ArrowWriter::try_new(out, batch.schema(), Some(props))?);
+        }
+        let writer = self.writer.as_mut().expect("created");
+        writer.write(&batch)?;
+        writer.flush()?;
+        Ok(())
+    }
+
+    /// Finishes the file (an empty table when nothing was written).
+    pub fn finish(mut self) -> Result<()> {
+        if self.writer.is_none() {
+            self.write(&[])?;
+        }
+        self.writer.take().expect("created").close()?;
+        Ok(())
+    }
 }
 
 /// Decodes a file written by [`encode_rows`].

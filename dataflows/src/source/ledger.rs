@@ -1,27 +1,57 @@
-//! The ingestion ledger: which object versions the dataflow has been handed. Diffing a
-//! fresh listing against it yields exactly the new, rewritten and deleted objects, so an
-//! object is ingested once per version, also across restarts (the ledger is part of
-//! every checkpoint).
+//! The ingestion ledger, sharded by key owner: each worker holds the entries of the keys
+//! it owns (`key.owner(peers)`), so the listing diff runs at the owners and the ledger
+//! spreads over the cluster as processes are added. Diffing a round's listing against a
+//! shard yields exactly the new, rewritten and deleted objects, so an object is ingested
+//! once per version, also across restarts (the shard is rebuilt from the committed
+//! base + delta log). The shard also holds where each committed row is stored, which is
+//! all the embed stage needs to retract it: no embedding is held in memory.
 
 use super::ListedObject;
 use crate::record::{Change, ChangeKind, ImageKey};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use crate::state::{LedgerEntry, Location};
+use std::collections::{HashMap, HashSet};
 
-/// Object versions handed to the dataflow, by key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ledger {
-    versions: BTreeMap<ImageKey, String>,
+/// What a shard knows of one owned key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    /// The version the last accepted listing showed (None: deleted).
+    listed: Option<String>,
+    /// Where its current row is stored (None: no row, or quarantined).
+    stored: Option<Location>,
 }
 
-impl Ledger {
-    /// Changes that bring the ledger to `listing`, in key order, and records them.
+/// One worker's part of the ledger.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shard {
+    entries: HashMap<ImageKey, Entry>,
+}
+
+impl Shard {
+    /// The shard of a committed ledger (entries already filtered to this owner).
+    pub fn restore<'a>(ledger: impl IntoIterator<Item = (&'a ImageKey, &'a LedgerEntry)>) -> Self {
+        let entries = ledger
+            .into_iter()
+            .map(|(key, e)| {
+                let entry = Entry {
+                    listed: Some(e.version.clone()),
+                    stored: e.embedded.then_some(e.location),
+                };
+                (key.clone(), entry)
+            })
+            .collect();
+        Shard { entries }
+    }
+
+    /// Changes that bring the shard to `listing` (this owner's objects of one complete
+    /// listing round), in key order, and records them as listed.
     pub fn diff(&mut self, listing: &[ListedObject]) -> Vec<Change> {
         let mut changes = Vec::new();
-        let mut listed = std::collections::BTreeSet::new();
+        let mut listed = HashSet::with_capacity(listing.len());
         for obj in listing {
             listed.insert(&obj.key);
-            if self.versions.get(&obj.key) != Some(&obj.version) {
+            let entry = self.entries.entry(obj.key.clone()).or_default();
+            if entry.listed.as_ref() != Some(&obj.version) {
+                entry.listed = Some(obj.version.clone());
                 changes.push(Change {
                     key: obj.key.clone(),
                     kind: ChangeKind::Upsert {
@@ -30,41 +60,44 @@ impl Ledger {
                 });
             }
         }
-        for key in self.versions.keys() {
-            if !listed.contains(key) {
+        for (key, entry) in self.entries.iter_mut() {
+            if entry.listed.is_some() && !listed.contains(key) {
+                entry.listed = None;
                 changes.push(Change {
                     key: key.clone(),
                     kind: ChangeKind::Delete,
                 });
             }
         }
+        self.entries
+            .retain(|_, e| e.listed.is_some() || e.stored.is_some());
         changes.sort();
-        for change in &changes {
-            self.apply(change);
-        }
         changes
     }
 
-    /// Records one change.
-    pub fn apply(&mut self, change: &Change) {
-        match &change.kind {
-            ChangeKind::Upsert { version } => {
-                self.versions.insert(change.key.clone(), version.clone());
-            }
-            ChangeKind::Delete => {
-                self.versions.remove(&change.key);
-            }
+    /// Takes where `key`'s current row is stored: the row is about to be retracted.
+    pub fn take_stored(&mut self, key: &ImageKey) -> Option<Location> {
+        let entry = self.entries.get_mut(key)?;
+        let stored = entry.stored.take();
+        if entry.listed.is_none() {
+            self.entries.remove(key);
         }
+        stored
     }
 
-    /// Number of objects recorded.
+    /// Records where `key`'s new row is stored.
+    pub fn set_stored(&mut self, key: &ImageKey, location: Location) {
+        self.entries.entry(key.clone()).or_default().stored = Some(location);
+    }
+
+    /// Keys held.
     pub fn len(&self) -> usize {
-        self.versions.len()
+        self.entries.len()
     }
 
-    /// True when nothing is recorded.
+    /// True when no key is held.
     pub fn is_empty(&self) -> bool {
-        self.versions.is_empty()
+        self.entries.is_empty()
     }
 }
 
@@ -81,27 +114,34 @@ mod tests {
 
     #[test]
     fn diff_reports_new_changed_and_deleted_once() {
-        let mut ledger = Ledger::default();
-        let first = ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]);
+        let mut shard = Shard::default();
+        let first = shard.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]);
         assert_eq!(first.len(), 2);
-        assert!(ledger
-            .diff(&[obj("A/1", "v1"), obj("A/2", "v1")])
-            .is_empty());
-        let next = ledger.diff(&[obj("A/1", "v2"), obj("B/3", "v1")]);
+        assert!(shard.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]).is_empty());
+        let next = shard.diff(&[obj("A/1", "v2"), obj("B/3", "v1")]);
         let kinds: Vec<_> = next
             .iter()
             .map(|c| (c.key.0.as_str(), matches!(c.kind, ChangeKind::Delete)))
             .collect();
         assert_eq!(kinds, vec![("A/1", false), ("A/2", true), ("B/3", false)]);
-        assert_eq!(ledger.len(), 2);
+        assert_eq!(shard.len(), 2);
     }
-}
 
-impl Ledger {
-    /// A ledger holding the given versions.
-    pub fn from_versions(versions: impl IntoIterator<Item = (ImageKey, String)>) -> Self {
-        Ledger {
-            versions: versions.into_iter().collect(),
-        }
+    #[test]
+    fn a_deleted_key_keeps_its_location_until_retracted() {
+        let key = ImageKey("A/1".into());
+        let at = Location { epoch: 3, part: 1 };
+        let entry = LedgerEntry {
+            version: "v1".into(),
+            location: at,
+            embedded: true,
+        };
+        let mut shard = Shard::restore([(&key, &entry)]);
+        assert!(shard.diff(&[obj("A/1", "v1")]).is_empty());
+        assert_eq!(shard.diff(&[]).len(), 1);
+        assert_eq!(shard.len(), 1, "the row is not retracted yet");
+        assert_eq!(shard.take_stored(&key), Some(at));
+        assert!(shard.is_empty());
+        assert_eq!(shard.take_stored(&key), None);
     }
 }

@@ -1,5 +1,5 @@
 //! The source stage: where images come from. A [`Source`] lists the archive and reads
-//! objects; the [`ledger::Ledger`] turns successive listings into [`Change`]s, so the
+//! objects; the [`ledger::Shard`]s turn successive listings into [`Change`]s, so the
 //! dataflow sees each object once per content version, and deletions as retractions.
 
 pub mod ledger;
@@ -9,7 +9,7 @@ pub mod s3;
 use crate::record::ImageKey;
 use anyhow::Result;
 
-pub use ledger::Ledger;
+pub use ledger::Shard;
 pub use local::LocalDir;
 
 /// One object seen by a listing.

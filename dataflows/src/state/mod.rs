@@ -1,30 +1,62 @@
-//! Durable state: one checkpoint per committed epoch (ledger, error records, label
-//! counts, moments, PCA and KMeans), published atomically behind a `state/CURRENT`
-//! pointer. A run resumes from the last complete checkpoint, so a crash loses nothing
-//! and counts nothing twice: uncommitted epochs are simply listed and processed again.
+//! Durable state, written in proportion to what changed.
+//!
+//! Each committed epoch writes:
+//! - `state/delta-<t>.bin`: the epoch's ledger and error changes and its summary
+//!   (O(news));
+//! - `state/checkpoint-<t>.bin`: the fixed-size part, the same size whatever the archive
+//!   (moments, models, per-label statistics, and the names of the files below);
+//! - then `state/CURRENT`, naming the checkpoint: the commit point.
+//!
+//! Now and then (when the deltas outweigh the base, or there are [`MAX_DELTAS`] of them)
+//! the commit compacts: it folds base + deltas into a new `state/base-<t>.bin` and the
+//! deltas' summaries into `state/history-<t>.bin`, written once and never again. Resume
+//! reads base + deltas. A crash anywhere leaves the previous pointer and every file it
+//! names intact, so uncommitted epochs are simply listed and processed again.
 
 use crate::embed::EmbedConfig;
 use crate::record::{Epoch, ErrorRecord, ImageKey};
 use crate::sink::OutputStore;
-use crate::source::Ledger;
-use crate::stats::Models;
+use crate::stats::{LabelStats, Models};
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub mod operator;
 
-/// 2: the embed settings joined the checkpoint.
-const FORMAT: u32 = 2;
+/// 3: the ledger and errors moved to a base + delta log; per-label statistics.
+const FORMAT: u32 = 3;
 const POINTER: &str = "state/CURRENT";
+
+/// A compaction is due once this many deltas wait, whatever their size (bounds the
+/// files a resume reads).
+pub const MAX_DELTAS: usize = 256;
+/// ... or once the deltas add up to the base's size (amortised writes stay O(news)),
+/// but not before they reach this size (small archives would compact every epoch).
+const MIN_COMPACT_BYTES: u64 = 1 << 20;
+
+/// Where an image's embedding is stored: `embeddings/epoch-<epoch>-worker-<part>.parquet`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Location {
+    /// Epoch in which this version was processed.
+    pub epoch: Epoch,
+    /// Worker that wrote the file.
+    pub part: u32,
+}
+
+impl Location {
+    /// The embeddings file holding the row.
+    pub fn file(&self) -> String {
+        crate::sink::operator::embeddings_file(self.epoch, self.part as usize)
+    }
+}
 
 /// What the ledger knows of one ingested object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Content version (size+mtime or ETag).
     pub version: String,
-    /// Epoch in which this version was processed (names its embeddings file).
-    pub epoch: Epoch,
+    /// Where its row is stored (the epoch that processed this version).
+    pub location: Location,
     /// True when it produced an embedding, false when quarantined.
     pub embedded: bool,
 }
@@ -40,7 +72,43 @@ pub struct EpochSummary {
     pub errors: usize,
 }
 
-/// The complete durable state after a committed epoch.
+/// One epoch's changes to the ledger and the error records (`None`: removed).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// Ledger changes, by key.
+    pub ledger: BTreeMap<ImageKey, Option<LedgerEntry>>,
+    /// Error-record changes, by key.
+    pub errors: BTreeMap<ImageKey, Option<ErrorRecord>>,
+    /// The epoch's summary.
+    pub summary: Option<EpochSummary>,
+}
+
+/// The per-image durable state: every object handed to the dataflow, and the current
+/// error records. Readers that need it load it from base + deltas ([`Archive::load`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Archive {
+    /// Every object handed to the dataflow, by key.
+    pub ledger: BTreeMap<ImageKey, LedgerEntry>,
+    /// Current error records (quarantined objects), by key.
+    pub errors: BTreeMap<ImageKey, ErrorRecord>,
+}
+
+/// The files that hold a checkpoint's per-image state and history.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Log {
+    /// Epoch of the base file (0: none yet).
+    pub base: Epoch,
+    /// Its size in bytes.
+    pub base_bytes: u64,
+    /// Committed epochs after the base, each with a delta file, in order.
+    pub deltas: Vec<Epoch>,
+    /// Their total size in bytes.
+    pub delta_bytes: u64,
+    /// History files (one per compaction), in order.
+    pub history: Vec<Epoch>,
+}
+
+/// The fixed-size durable state after a committed epoch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Format version of this file.
@@ -49,19 +117,39 @@ pub struct Checkpoint {
     pub epoch: Epoch,
     /// Source location the state was built from.
     pub source: String,
-    /// Every object handed to the dataflow, by key.
-    pub ledger: BTreeMap<ImageKey, LedgerEntry>,
-    /// Current error records (quarantined objects), by key.
-    pub errors: BTreeMap<ImageKey, ErrorRecord>,
-    /// Live images per label.
-    pub labels: BTreeMap<String, i64>,
+    /// Live images per label, with their embedding sums.
+    pub labels: BTreeMap<String, LabelStats>,
+    /// Current error records.
+    pub errors: usize,
+    /// Current error records by kind.
+    pub errors_by_kind: BTreeMap<String, usize>,
     /// Moments, PCA and KMeans.
     pub models: Models,
-    /// One summary per committed epoch.
-    pub history: Vec<EpochSummary>,
+    /// The per-image state's files.
+    pub log: Log,
     /// The model and preprocessing that produced the stored embeddings: classify must
     /// embed a new photo the same way.
     pub embed: EmbedConfig,
+}
+
+fn checkpoint_file(epoch: Epoch) -> String {
+    format!("state/checkpoint-{epoch:012}.bin")
+}
+fn base_file(epoch: Epoch) -> String {
+    format!("state/base-{epoch:012}.bin")
+}
+fn delta_file(epoch: Epoch) -> String {
+    format!("state/delta-{epoch:012}.bin")
+}
+fn history_file(epoch: Epoch) -> String {
+    format!("state/history-{epoch:012}.bin")
+}
+
+fn read<T: DeserializeOwned>(store: &dyn OutputStore, name: &str) -> Result<T> {
+    let bytes = store
+        .get(name)?
+        .with_context(|| format!("{} names {name}, which is missing", store.location()))?;
+    bincode::deserialize(&bytes).with_context(|| format!("decoding {name}"))
 }
 
 impl Checkpoint {
@@ -71,11 +159,11 @@ impl Checkpoint {
             format: FORMAT,
             epoch: 0,
             source,
-            ledger: BTreeMap::new(),
-            errors: BTreeMap::new(),
             labels: BTreeMap::new(),
+            errors: 0,
+            errors_by_kind: BTreeMap::new(),
             models: Models::new(dim),
-            history: Vec::new(),
+            log: Log::default(),
             embed,
         }
     }
@@ -85,13 +173,9 @@ impl Checkpoint {
         self.models.moments.n
     }
 
-    /// The source ledger (versions only) the lister resumes from.
-    pub fn source_ledger(&self) -> Ledger {
-        Ledger::from_versions(
-            self.ledger
-                .iter()
-                .map(|(k, e)| (k.clone(), e.version.clone())),
-        )
+    /// Live images per label.
+    pub fn label_counts(&self) -> BTreeMap<String, i64> {
+        self.labels.iter().map(|(l, s)| (l.clone(), s.n)).collect()
     }
 
     /// Loads the last committed checkpoint, if any.
@@ -104,20 +188,34 @@ impl Checkpoint {
         let bytes = store
             .get(name)?
             .with_context(|| format!("{} names {name}, which is missing", POINTER))?;
+        // The format comes first in every version, so an old output gets a clear error
+        // instead of a decoding one.
+        let format: u32 = bincode::deserialize(&bytes[..bytes.len().min(4)]).unwrap_or(0);
+        anyhow::ensure!(
+            format == FORMAT,
+            "checkpoint {name} has format {format}, this build reads {FORMAT}; rebuild the \
+             output with `fruits-flow run` into a new --output"
+        );
         let checkpoint: Checkpoint =
             bincode::deserialize(&bytes).with_context(|| format!("decoding checkpoint {name}"))?;
-        anyhow::ensure!(
-            checkpoint.format == FORMAT,
-            "checkpoint {name} has format {}, expected {FORMAT}",
-            checkpoint.format
-        );
         Ok(Some(checkpoint))
     }
 
+    /// Every file this checkpoint needs.
+    fn files(&self) -> Vec<String> {
+        let mut files = vec![checkpoint_file(self.epoch)];
+        if self.log.base > 0 {
+            files.push(base_file(self.log.base));
+        }
+        files.extend(self.log.deltas.iter().map(|&e| delta_file(e)));
+        files.extend(self.log.history.iter().map(|&e| history_file(e)));
+        files
+    }
+
     /// Writes this checkpoint, then publishes it by replacing the pointer (the commit
-    /// point), then drops checkpoints older than the previous one.
-    pub fn commit(&self, store: &dyn OutputStore) -> Result<()> {
-        let name = format!("state/checkpoint-{:012}.bin", self.epoch);
+    /// point), then drops the files neither it nor `previous` needs.
+    pub fn commit(&self, store: &dyn OutputStore, previous: Option<&Checkpoint>) -> Result<()> {
+        let name = checkpoint_file(self.epoch);
         store.put(&name, &bincode::serialize(self)?)?;
         // Fault injection for the crash tests: die between the checkpoint and its pointer.
         if std::env::var("FRUITS_FLOW_ABORT_IN_COMMIT")
@@ -133,85 +231,123 @@ impl Checkpoint {
             std::process::abort();
         }
         store.put(POINTER, name.as_bytes())?;
-        let all = store.list("state/")?;
-        let old: Vec<_> = all
-            .iter()
-            .filter(|n| n.starts_with("state/checkpoint-") && n.as_str() < name.as_str())
-            .collect();
-        for stale in old.iter().take(old.len().saturating_sub(1)) {
-            store.delete(stale)?;
+        let mut keep = self.files();
+        if let Some(previous) = previous {
+            keep.extend(previous.files());
         }
+        for stale in store.list("state/")? {
+            if stale != POINTER && !keep.contains(&stale) {
+                store.delete(&stale)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the epoch's delta, or compacts base + deltas + this delta into a new base
+    /// when due (reading base + deltas back from the store), and records which in the
+    /// log.
+    pub fn write_delta(&mut self, store: &dyn OutputStore, delta: &Delta) -> Result<()> {
+        let bytes = bincode::serialize(delta)?;
+        let log = &self.log;
+        let pending = log.delta_bytes + bytes.len() as u64;
+        let due =
+            log.deltas.len() + 1 >= MAX_DELTAS || pending >= log.base_bytes.max(MIN_COMPACT_BYTES);
+        if !due {
+            store.put(&delta_file(self.epoch), &bytes)?;
+            self.log.deltas.push(self.epoch);
+            self.log.delta_bytes = pending;
+            return Ok(());
+        }
+        // Compaction: O(archive) once per base's worth of news.
+        let mut archive = Archive::load(store, self, |_| true)?;
+        let mut history = load_delta_summaries(store, self)?;
+        archive.apply(delta);
+        history.extend(delta.summary.clone());
+        let base = bincode::serialize(&archive)?;
+        store.put(&base_file(self.epoch), &base)?;
+        store.put(&history_file(self.epoch), &bincode::serialize(&history)?)?;
+        self.log.base = self.epoch;
+        self.log.base_bytes = base.len() as u64;
+        self.log.deltas.clear();
+        self.log.delta_bytes = 0;
+        self.log.history.push(self.epoch);
+        tracing::debug!(
+            stage = "state",
+            epoch = self.epoch,
+            base_bytes = base.len(),
+            "Ledger compacted."
+        );
         Ok(())
     }
 }
 
-/// The stored rows of the live images (those the checkpoint's ledger says were embedded
-/// in the epoch of the file they sit in), keeping only keys for which `keep` is true.
-/// `key_of` maps a stored path back to its key.
-pub fn stored_rows(
-    store: &dyn OutputStore,
-    checkpoint: &Checkpoint,
-    key_of: impl Fn(&str) -> Option<crate::record::ImageKey>,
-    keep: impl Fn(&crate::record::ImageKey) -> bool,
-) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
-    stored_rows_cached(store, checkpoint, key_of, keep, &mut StoredFiles::default())
-}
-
-/// Decoded embeddings files of committed epochs, by name. Such files never change (a
-/// crashed run's files are those of uncommitted epochs), so a reader that follows a live
-/// output (`serve`) reads each one once instead of the whole archive per epoch.
-#[derive(Default)]
-pub struct StoredFiles(std::collections::HashMap<String, Vec<crate::sink::parquet::StoredRow>>);
-
-/// [`stored_rows`], reading only the files `cache` does not hold yet.
-pub fn stored_rows_cached(
-    store: &dyn OutputStore,
-    checkpoint: &Checkpoint,
-    key_of: impl Fn(&str) -> Option<crate::record::ImageKey>,
-    keep: impl Fn(&crate::record::ImageKey) -> bool,
-    cache: &mut StoredFiles,
-) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
-    use crate::record::{Embedding, ImageRow, Label};
-    use crate::sink::operator::epoch_of_file;
-    let mut out = Vec::new();
-    let names = store.list("embeddings/")?;
-    cache.0.retain(|name, _| names.contains(name));
-    for name in names {
-        let Some(epoch) = epoch_of_file(&name) else {
-            continue;
+impl Archive {
+    /// Reads a checkpoint's base and deltas, keeping the ledger entries of keys for which
+    /// `keep` is true (all error records are kept).
+    pub fn load(
+        store: &dyn OutputStore,
+        checkpoint: &Checkpoint,
+        keep: impl Fn(&ImageKey) -> bool,
+    ) -> Result<Archive> {
+        let mut archive = if checkpoint.log.base > 0 {
+            let mut base: Archive = read(store, &base_file(checkpoint.log.base))?;
+            base.ledger.retain(|k, _| keep(k));
+            base
+        } else {
+            Archive::default()
         };
-        if epoch > checkpoint.epoch {
-            continue;
+        for &epoch in &checkpoint.log.deltas {
+            let mut delta: Delta = read(store, &delta_file(epoch))?;
+            delta.ledger.retain(|k, _| keep(k));
+            archive.apply(&delta);
         }
-        if !cache.0.contains_key(&name) {
-            let bytes = store
-                .get(&name)?
-                .with_context(|| format!("{name} vanished"))?;
-            let rows = crate::sink::parquet::decode_rows(bytes)
-                .with_context(|| format!("reading {name}"))?;
-            cache.0.insert(name.clone(), rows);
-        }
-        for stored in cache.0[&name].iter().cloned() {
-            let Some(key) = key_of(&stored.path) else {
-                continue;
+        Ok(archive)
+    }
+
+    /// Applies one epoch's changes.
+    pub fn apply(&mut self, delta: &Delta) {
+        for (key, entry) in &delta.ledger {
+            match entry {
+                Some(e) => self.ledger.insert(key.clone(), e.clone()),
+                None => self.ledger.remove(key),
             };
-            let live = checkpoint
-                .ledger
-                .get(&key)
-                .is_some_and(|e| e.embedded && e.epoch == epoch);
-            if live && keep(&key) {
-                let embedding = Embedding::quantize(&stored.features)
-                    .map_err(|e| anyhow::anyhow!("{name}: row {}: {e}", stored.path))?;
-                let row = ImageRow {
-                    key,
-                    label: Label(stored.label.clone()),
-                    embedding,
-                };
-                out.push((row, stored));
-            }
+        }
+        for (key, record) in &delta.errors {
+            match record {
+                Some(r) => self.errors.insert(key.clone(), r.clone()),
+                None => self.errors.remove(key),
+            };
         }
     }
-    out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+
+    /// True when `key`'s live row is in the file of `epoch`.
+    pub fn is_live_in(&self, key: &ImageKey, epoch: Epoch) -> bool {
+        self.ledger
+            .get(key)
+            .is_some_and(|e| e.embedded && e.location.epoch == epoch)
+    }
+}
+
+fn load_delta_summaries(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+) -> Result<Vec<EpochSummary>> {
+    let mut out = Vec::new();
+    for &epoch in &checkpoint.log.deltas {
+        let delta: Delta = read(store, &delta_file(epoch))?;
+        out.extend(delta.summary);
+    }
+    Ok(out)
+}
+
+/// One summary per committed epoch, oldest first (history files, then the deltas).
+pub fn load_history(store: &dyn OutputStore, checkpoint: &Checkpoint) -> Result<Vec<EpochSummary>> {
+    let mut out = Vec::new();
+    for &epoch in &checkpoint.log.history {
+        let chunk: Vec<EpochSummary> = read(store, &history_file(epoch))?;
+        out.extend(chunk);
+    }
+    out.extend(load_delta_summaries(store, checkpoint)?);
     Ok(out)
 }
 
@@ -226,29 +362,67 @@ pub fn load_committed(store: &dyn OutputStore) -> Result<Checkpoint> {
     })
 }
 
-/// Every live image of a committed state, read back from the stored embeddings (keys
-/// are the stored paths relative to the checkpoint's source), in key order.
+/// Streams the live rows of a committed state one embeddings file at a time (memory:
+/// the ledger plus one file), calling `each` with the file's live rows in key order.
+/// Keys are the stored paths relative to the checkpoint's source.
+pub fn for_each_live_file(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    archive: &Archive,
+    mut each: impl FnMut(Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>) -> Result<()>,
+) -> Result<()> {
+    use crate::record::{Embedding, ImageRow, Label};
+    use crate::sink::operator::epoch_of_file;
+    let root = format!("{}/", checkpoint.source);
+    for name in store.list("embeddings/")? {
+        let Some(epoch) = epoch_of_file(&name) else {
+            continue;
+        };
+        if epoch > checkpoint.epoch {
+            continue;
+        }
+        let bytes = store
+            .get(&name)?
+            .with_context(|| format!("{name} vanished"))?;
+        let rows =
+            crate::sink::parquet::decode_rows(bytes).with_context(|| format!("reading {name}"))?;
+        let mut live = Vec::new();
+        for stored in rows {
+            let Some(key) = stored.path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
+                continue;
+            };
+            if !archive.is_live_in(&key, epoch) {
+                continue;
+            }
+            let embedding = Embedding::quantize(&stored.features)
+                .map_err(|e| anyhow::anyhow!("{name}: row {}: {e}", stored.path))?;
+            let row = ImageRow {
+                key,
+                label: Label(stored.label.clone()),
+                embedding,
+            };
+            live.push((row, stored));
+        }
+        live.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        each(live)?;
+    }
+    Ok(())
+}
+
+/// Every live image of a committed state, in key order. Holds every row in memory: for
+/// readers that need all points at once (kNN, the batch twins in tests and examples).
 pub fn live_rows(
     store: &dyn OutputStore,
     checkpoint: &Checkpoint,
 ) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
-    live_rows_cached(store, checkpoint, &mut StoredFiles::default())
-}
-
-/// [`live_rows`] through a cache of decoded files.
-pub fn live_rows_cached(
-    store: &dyn OutputStore,
-    checkpoint: &Checkpoint,
-    cache: &mut StoredFiles,
-) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
-    let root = format!("{}/", checkpoint.source);
-    stored_rows_cached(
-        store,
-        checkpoint,
-        |p| p.strip_prefix(&root).map(|k| ImageKey(k.into())),
-        |_| true,
-        cache,
-    )
+    let archive = Archive::load(store, checkpoint, |_| true)?;
+    let mut out = Vec::new();
+    for_each_live_file(store, checkpoint, &archive, |rows| {
+        out.extend(rows);
+        Ok(())
+    })?;
+    out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    Ok(out)
 }
 
 /// Removes embeddings files of epochs after the checkpoint: a crashed run's uncommitted
@@ -262,4 +436,65 @@ pub fn discard_uncommitted(store: &dyn OutputStore, checkpoint_epoch: Epoch) -> 
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::LocalStore;
+
+    fn entry(epoch: Epoch) -> Option<LedgerEntry> {
+        Some(LedgerEntry {
+            version: format!("v{epoch}"),
+            location: Location { epoch, part: 0 },
+            embedded: true,
+        })
+    }
+
+    /// Base + deltas give the same per-image state as applying every epoch in memory,
+    /// through compactions, and a commit keeps only the files the last two checkpoints
+    /// name.
+    #[test]
+    fn base_plus_deltas_equal_the_in_memory_state_through_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().to_str().unwrap()).unwrap();
+        let mut checkpoint = Checkpoint::empty("src".into(), 2, EmbedConfig::default());
+        let mut expected = Archive::default();
+        let mut previous: Option<Checkpoint> = None;
+        let mut compactions = 0;
+        for epoch in 1..=300u64 {
+            let mut delta = Delta::default();
+            // Big keys so a compaction is due every few dozen epochs.
+            for i in 0..40 {
+                let key = ImageKey(format!("L{}/{:0>1000}", i % 3, epoch * 100 + i));
+                delta.ledger.insert(key, entry(epoch));
+            }
+            if epoch > 1 {
+                let gone = ImageKey(format!("L{}/{:0>1000}", 0, (epoch - 1) * 100 + 3));
+                delta.ledger.insert(gone, None);
+            }
+            delta.summary = Some(EpochSummary {
+                epoch,
+                labels: BTreeMap::new(),
+                errors: 0,
+            });
+            checkpoint.epoch = epoch;
+            let before = checkpoint.log.history.len();
+            checkpoint.write_delta(&store, &delta).unwrap();
+            compactions += checkpoint.log.history.len() - before;
+            expected.apply(&delta);
+            checkpoint.commit(&store, previous.as_ref()).unwrap();
+            previous = Some(checkpoint.clone());
+        }
+        assert!(compactions >= 3, "{compactions} compactions");
+        let loaded = Checkpoint::load(&store).unwrap().unwrap();
+        assert_eq!(Archive::load(&store, &loaded, |_| true).unwrap(), expected);
+        let history = load_history(&store, &loaded).unwrap();
+        assert_eq!(
+            history.iter().map(|h| h.epoch).collect::<Vec<_>>(),
+            (1..=300).collect::<Vec<_>>()
+        );
+        let files = store.list("state/").unwrap().len();
+        assert!(files <= loaded.files().len() * 2 + 1, "{files} files kept");
+    }
 }

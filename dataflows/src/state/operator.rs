@@ -1,12 +1,12 @@
 //! The commit operator (worker 0): once every stage has finished an epoch, fold the
-//! epoch's changes, errors and label counts into the checkpoint, publish the models and
-//! commit. Its output is the committed epoch; a probe on it is the commit point.
+//! epoch's changes, errors and per-label statistics into a delta and the fixed-size
+//! checkpoint, publish the models and commit. Its output is the committed epoch; a probe on it is the commit point.
 
-use super::{Checkpoint, EpochSummary, LedgerEntry};
+use super::{Checkpoint, Delta, EpochSummary, LedgerEntry, Location};
 use crate::metrics::timed;
-use crate::record::{Change, ChangeKind, Epoch, ErrorRecord};
+use crate::record::{Change, ChangeKind, Epoch, ErrorRecord, ImageKey};
 use crate::sink::{models::publish, OutputStore};
-use crate::stats::Models;
+use crate::stats::{LabelDiff, LabelStats, Models};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,102 +22,142 @@ pub enum CommitItem {
     Change(Change),
     /// A quarantined object.
     Error(ErrorRecord),
-    /// A live-count change of a label.
-    Label(String, i64),
+    /// A label's statistics entering (+1) or leaving (−1) the per-label collection
+    /// (the output of differential's `count_total`).
+    Label(String, LabelDiff, i64),
     /// The models after the epoch.
     Models(Box<Models>),
     /// Rows written by a parquet sink.
     Written(usize),
 }
 
-/// Commits each complete epoch on worker 0; emits the committed epoch number.
+/// Commits each complete epoch on worker 0; emits the committed epoch number. Items
+/// come with their epoch (differential batches are stamped with their first).
+/// `archive` holds the current error records (the ledger lives at the key owners);
+/// `peers` is the worker count, whose key owners wrote the epoch's embeddings files.
 pub fn commit<'s>(
-    items: StreamVec<'s, Epoch, CommitItem>,
+    items: StreamVec<'s, Epoch, (Epoch, CommitItem)>,
     store: Arc<dyn OutputStore>,
     mut checkpoint: Checkpoint,
+    mut errors: BTreeMap<ImageKey, ErrorRecord>,
 ) -> StreamVec<'s, Epoch, Epoch> {
-    items.unary_frontier(Exchange::new(|_: &CommitItem| 0), "commit", move |_, _| {
-        let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<CommitItem>)> = BTreeMap::new();
-        let started = Instant::now();
-        let start_images = checkpoint.images();
-        move |(input, frontier), output| {
-            input.for_each(|cap, data| {
-                let Some(&t) = cap.least() else { return };
-                let entry = open
-                    .entry(t)
-                    .or_insert_with(|| (cap.retain_least(0).expect("stamped"), Vec::new()));
-                entry.1.append(data);
-            });
-            while let Some(entry) = open.first_entry() {
-                let t = *entry.key();
-                if frontier.less_equal(&t) {
-                    break;
-                }
-                let (cap, items) = entry.remove();
-                timed("commit", || {
-                    apply(&mut checkpoint, t, items);
-                    publish(store.as_ref(), &checkpoint)
-                        .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
-                    checkpoint
-                        .commit(store.as_ref())
-                        .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
+    let peers = items.scope().peers();
+    items.unary_frontier(
+        Exchange::new(|_: &(Epoch, CommitItem)| 0),
+        "commit",
+        move |_, _| {
+            let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<CommitItem>)> = BTreeMap::new();
+            let mut previous: Option<Checkpoint> = None;
+            let started = Instant::now();
+            let start_images = checkpoint.images();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    let Some(&least) = cap.least() else { return };
+                    for (t, item) in data.drain(..) {
+                        // A differential batch may span epochs: each item goes to its own.
+                        let t = t.max(least);
+                        let entry = open
+                            .entry(t)
+                            .or_insert_with(|| (cap.delayed(&t, 0), Vec::new()));
+                        entry.1.push(item);
+                    }
                 });
-                crate::metrics::metrics().epoch.set(t as i64);
-                let rate = (checkpoint.images() - start_images) as f64
-                    / started.elapsed().as_secs_f64().max(1e-9);
-                tracing::info!(
-                    stage = "commit",
-                    epoch = t,
-                    images = checkpoint.images(),
-                    errors = checkpoint.errors.len(),
-                    k = checkpoint.models.pca.as_ref().map_or(0, |p| p.k),
-                    images_per_s = format!("{rate:.1}"),
-                    "Epoch committed."
-                );
-                output.session(&cap).give(t);
+                while let Some(entry) = open.first_entry() {
+                    let t = *entry.key();
+                    if frontier.less_equal(&t) {
+                        break;
+                    }
+                    let (cap, items) = entry.remove();
+                    timed("commit", || {
+                        let before = checkpoint.clone();
+                        let delta = apply(&mut checkpoint, &mut errors, t, items, peers);
+                        checkpoint
+                            .write_delta(store.as_ref(), &delta)
+                            .unwrap_or_else(|e| panic!("writing the state of epoch {t}: {e:#}"));
+                        publish(
+                            store.as_ref(),
+                            &checkpoint,
+                            &errors,
+                            !delta.errors.is_empty() || previous.is_none(),
+                        )
+                        .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
+                        checkpoint
+                            .commit(store.as_ref(), previous.as_ref())
+                            .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
+                        previous = Some(before);
+                    });
+                    crate::metrics::metrics().epoch.set(t as i64);
+                    let rate = (checkpoint.images() - start_images) as f64
+                        / started.elapsed().as_secs_f64().max(1e-9);
+                    tracing::info!(
+                        stage = "commit",
+                        epoch = t,
+                        images = checkpoint.images(),
+                        errors = checkpoint.errors,
+                        k = checkpoint.models.pca.as_ref().map_or(0, |p| p.k),
+                        images_per_s = format!("{rate:.1}"),
+                        "Epoch committed."
+                    );
+                    output.session(&cap).give(t);
+                }
             }
-        }
-    })
+        },
+    )
 }
 
-/// Folds one epoch's items into the checkpoint (sequential, deterministic).
-pub fn apply(checkpoint: &mut Checkpoint, epoch: Epoch, mut items: Vec<CommitItem>) {
-    // Changes before errors: an error marks the ledger entry its change created.
+/// Folds one epoch's items into the checkpoint and the error records (sequential,
+/// deterministic) and returns the epoch's delta of the per-image state.
+pub fn apply(
+    checkpoint: &mut Checkpoint,
+    errors: &mut BTreeMap<ImageKey, ErrorRecord>,
+    epoch: Epoch,
+    mut items: Vec<CommitItem>,
+    peers: usize,
+) -> Delta {
+    // Changes before errors: an error marks the ledger entry its change created. Label
+    // retractions before additions: a changed label leaves with its old statistics and
+    // enters with its new ones in the same epoch.
     items.sort_by_key(|i| match i {
         CommitItem::Change(_) => 0,
-        _ => 1,
+        CommitItem::Label(_, _, diff) if *diff < 0 => 1,
+        _ => 2,
     });
+    let mut delta = Delta::default();
     for item in items {
         match item {
             CommitItem::Change(change) => {
-                checkpoint.errors.remove(&change.key);
-                match change.kind {
-                    ChangeKind::Upsert { version } => {
-                        checkpoint.ledger.insert(
-                            change.key,
-                            LedgerEntry {
-                                version,
-                                epoch,
-                                embedded: true,
-                            },
-                        );
-                    }
-                    ChangeKind::Delete => {
-                        checkpoint.ledger.remove(&change.key);
-                    }
+                if errors.remove(&change.key).is_some() {
+                    delta.errors.insert(change.key.clone(), None);
                 }
+                let entry = match change.kind {
+                    ChangeKind::Upsert { version } => Some(LedgerEntry {
+                        version,
+                        location: Location {
+                            epoch,
+                            part: change.key.owner(peers) as u32,
+                        },
+                        embedded: true,
+                    }),
+                    ChangeKind::Delete => None,
+                };
+                delta.ledger.insert(change.key, entry);
             }
             CommitItem::Error(record) => {
-                if let Some(entry) = checkpoint.ledger.get_mut(&record.key) {
+                if let Some(Some(entry)) = delta.ledger.get_mut(&record.key) {
                     entry.embedded = false;
                 }
-                checkpoint.errors.insert(record.key.clone(), record);
+                delta
+                    .errors
+                    .insert(record.key.clone(), Some(record.clone()));
+                errors.insert(record.key.clone(), record);
             }
-            CommitItem::Label(label, diff) => {
-                let count = checkpoint.labels.entry(label.clone()).or_default();
-                *count += diff;
-                if *count == 0 {
+            CommitItem::Label(label, stats, diff) => {
+                if diff < 0 {
                     checkpoint.labels.remove(&label);
+                } else {
+                    checkpoint
+                        .labels
+                        .insert(label, LabelStats::from_diff(stats));
                 }
             }
             CommitItem::Models(models) => checkpoint.models = *models,
@@ -125,9 +165,18 @@ pub fn apply(checkpoint: &mut Checkpoint, epoch: Epoch, mut items: Vec<CommitIte
         }
     }
     checkpoint.epoch = epoch;
-    checkpoint.history.push(EpochSummary {
+    checkpoint.errors = errors.len();
+    checkpoint.errors_by_kind = BTreeMap::new();
+    for e in errors.values() {
+        *checkpoint
+            .errors_by_kind
+            .entry(e.kind.as_str().to_string())
+            .or_default() += 1;
+    }
+    delta.summary = Some(EpochSummary {
         epoch,
-        labels: checkpoint.labels.clone(),
-        errors: checkpoint.errors.len(),
+        labels: checkpoint.label_counts(),
+        errors: errors.len(),
     });
+    delta
 }

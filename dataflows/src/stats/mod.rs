@@ -4,12 +4,14 @@
 //! in [`operator`].
 
 pub mod kmeans;
+pub mod labels;
 pub mod moments;
 pub mod operator;
 pub mod pca;
 pub mod reference;
 
 pub use kmeans::{KMeans, KMeansConfig};
+pub use labels::{LabelDiff, LabelStats};
 pub use moments::{Moments, MomentsAccumulator};
 pub use pca::{PcaConfig, PcaModel};
 

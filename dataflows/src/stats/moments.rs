@@ -16,7 +16,36 @@ pub struct Moments {
     /// Per-dimension sums.
     pub sum: Vec<i64>,
     /// Packed upper triangle (row-major, i <= j) of sum of x xᵀ.
+    #[serde(with = "narrow")]
     pub ss: Vec<i128>,
+}
+
+/// The moment matrix is stored as i64 while every entry fits (below ~200k Lite0
+/// images), i128 after: the checkpoint rewrites it every epoch, and half the bytes is
+/// 6.5 MB less per epoch at d = 1280.
+mod narrow {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    enum Packed {
+        Narrow(Vec<i64>),
+        Wide(Vec<i128>),
+    }
+
+    pub fn serialize<S: Serializer>(ss: &[i128], s: S) -> Result<S::Ok, S::Error> {
+        let narrow: Option<Vec<i64>> = ss.iter().map(|&v| i64::try_from(v).ok()).collect();
+        match narrow {
+            Some(v) => Packed::Narrow(v).serialize(s),
+            None => Packed::Wide(ss.to_vec()).serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i128>, D::Error> {
+        Ok(match Packed::deserialize(d)? {
+            Packed::Narrow(v) => v.into_iter().map(i128::from).collect(),
+            Packed::Wide(v) => v,
+        })
+    }
 }
 
 impl Moments {

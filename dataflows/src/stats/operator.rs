@@ -1,12 +1,19 @@
-//! The statistics stage as timely operators: per-worker moment partials per epoch, and
-//! the worker-0 operator that merges them with the epoch's points into new models once
+//! The statistics stage as timely and differential operators: per-worker moment
+//! partials per epoch, per-label statistics (a differential `count_total`), and the
+//! worker-0 operator that merges them with the epoch's points into new models once
 //! the epoch is complete everywhere.
 
-use super::{kmeans::EpochPoint, KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
+use super::{
+    kmeans::EpochPoint, KMeansConfig, LabelDiff, LabelStats, Models, Moments, MomentsAccumulator,
+    PcaConfig,
+};
 use crate::background::Background;
 use crate::embed::operator::RowUpdate;
 use crate::metrics::timed;
 use crate::record::Epoch;
+use crate::record::ImageRow;
+use differential_dataflow::operators::CountTotal;
+use differential_dataflow::AsCollection;
 use std::collections::BTreeMap;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
@@ -45,6 +52,22 @@ pub fn moment_partials<'s>(
             }
         }
     })
+}
+
+/// Per-label statistics as a differential collection: each live row contributes
+/// `(label, (1, x))` through `explode` (the pair is an abelian difference, so a deletion
+/// subtracts exactly what its addition added), the restored state enters once, and
+/// `count_total` accumulates per label at the label's worker, emitting
+/// `((label, (n, Σx)), t, ±1)` for every label an epoch changes.
+pub fn label_stats<'s>(
+    rows: StreamVec<'s, Epoch, RowUpdate>,
+    restored: StreamVec<'s, Epoch, (String, Epoch, LabelDiff)>,
+) -> StreamVec<'s, Epoch, ((String, LabelDiff), Epoch, isize)> {
+    rows.as_collection()
+        .explode(|row: ImageRow| Some((row.label.0, LabelStats::update_of(&row.embedding))))
+        .concat(restored.as_collection())
+        .count_total()
+        .inner
 }
 
 /// On worker 0: merges each complete epoch's partials (exactly, in integers) and folds
@@ -312,5 +335,91 @@ mod tests {
         let (a, b) = (stream(1, epochs()), stream(4, epochs()));
         assert_eq!(a.kmeans, b.kmeans);
         assert_eq!(a.kmeans.weights.iter().sum::<f64>(), 240.0);
+    }
+
+    /// Streams updates through `label_stats` on `workers` workers, with `restored`
+    /// entering at the first epoch; returns the per-label state after the last epoch.
+    fn stream_labels(
+        workers: usize,
+        restored: Vec<(String, LabelDiff)>,
+        epochs: Vec<Vec<(ImageRow, i64)>>,
+    ) -> std::collections::BTreeMap<String, LabelDiff> {
+        let result = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let sink = result.clone();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let mut rows_in = InputHandleVec::<Epoch, RowUpdate>::new();
+            let mut restored_in = InputHandleVec::<Epoch, (String, Epoch, LabelDiff)>::new();
+            let probe = ProbeHandle::new();
+            let sink = sink.clone();
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let rows = scope.input_from(&mut rows_in);
+                label_stats(rows, scope.input_from(&mut restored_in))
+                    .inspect(move |((label, stats), _, diff)| {
+                        let mut state = sink.lock().unwrap();
+                        if *diff > 0 {
+                            state.insert(label.clone(), stats.clone());
+                        } else if state.get(label) == Some(stats) {
+                            state.remove(label);
+                        }
+                    })
+                    .probe_with(&probe);
+            });
+            if index == 0 {
+                for (label, stats) in &restored {
+                    restored_in.send((label.clone(), 0, stats.clone()));
+                }
+            }
+            drop(restored_in);
+            for (t, epoch) in epochs.iter().enumerate() {
+                for (i, (row, diff)) in epoch.iter().enumerate() {
+                    if i % peers == index {
+                        rows_in.send((row.clone(), t as Epoch, *diff));
+                    }
+                }
+                rows_in.advance_to(t as Epoch + 1);
+                while probe.less_than(rows_in.time()) {
+                    worker.step();
+                }
+            }
+        })
+        .unwrap();
+        let state = result.lock().unwrap().clone();
+        state
+    }
+
+    /// Batch twin: per-label counts and sums summed directly.
+    fn batch_labels(rows: &[ImageRow]) -> std::collections::BTreeMap<String, LabelDiff> {
+        let mut out = std::collections::BTreeMap::<String, LabelDiff>::new();
+        for row in rows {
+            let (n, sum) = LabelStats::update_of(&row.embedding);
+            let entry = out
+                .entry(row.label.0.clone())
+                .or_insert((0, vec![0; sum.len()]));
+            entry.0 += n;
+            entry.1.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+        }
+        out
+    }
+
+    #[test]
+    fn label_statistics_equal_the_batch_sums_through_retractions_and_a_restart() {
+        let rows = points(240, 9);
+        let (kept, dropped) = rows.split_at(180);
+        let mut epochs: Vec<Vec<(ImageRow, i64)>> = rows
+            .chunks(50)
+            .map(|c| c.iter().map(|r| (r.clone(), 1)).collect())
+            .collect();
+        epochs.push(dropped.iter().map(|r| (r.clone(), -1)).collect());
+        let expected = batch_labels(kept);
+        for workers in [1, 3] {
+            assert_eq!(stream_labels(workers, vec![], epochs.clone()), expected);
+        }
+        // A restart: the first 100 rows' statistics restored, the rest streamed.
+        let restored: Vec<_> = batch_labels(&rows[..100]).into_iter().collect();
+        let mut rest: Vec<Vec<(ImageRow, i64)>> =
+            vec![rows[100..].iter().map(|r| (r.clone(), 1)).collect()];
+        rest.push(dropped.iter().map(|r| (r.clone(), -1)).collect());
+        assert_eq!(stream_labels(2, restored, rest), expected);
     }
 }
