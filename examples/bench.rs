@@ -20,7 +20,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::{Context, Result};
+mod common;
+
+use anyhow::Result;
+use common::{binary, measure};
 use fruits_dataflows::decode::DecodeConfig;
 use fruits_dataflows::embed::{EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
@@ -174,55 +177,6 @@ fn main() -> Result<()> {
         println!("  replay: {line}");
     }
     Ok(())
-}
-
-/// The fruits-flow binary built beside this example.
-fn binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("fruits-flow"))
-        .context("locating target dir")?;
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// Runs `command` to completion; returns (seconds, peak RSS in MB) of the child.
-///
-/// The peak is the child's VmHWM, polled until it exits: it belongs to the child's own
-/// address space (getrusage's ru_maxrss would also count this process's memory, which
-/// the child inherits at fork, before its exec).
-fn measure(command: &mut Command) -> Result<(f64, f64)> {
-    let started = Instant::now();
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0u64;
-    let status = loop {
-        if let Ok(text) = std::fs::read_to_string(&status_file) {
-            if let Some(kb) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak_kb = peak_kb.max(kb);
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(status.success(), "command failed: {command:?}");
-    Ok((seconds, peak_kb as f64 / 1024.0))
 }
 
 fn timed_run(

@@ -5,6 +5,8 @@
 //! cargo run --release --example classify_latency -- OUT [IMAGE.jpg] [N]
 //! ```
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,11 +18,7 @@ fn main() -> anyhow::Result<()> {
         .cloned()
         .unwrap_or_else(|| "tests/fixtures/fruits/Kiwi 1/0_100.jpg".into());
     let n: usize = args.get(2).map_or(Ok(200), |s| s.parse())?;
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("fruits-flow"))
-        .expect("target dir");
+    let bin = common::binary()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -40,21 +38,8 @@ fn main() -> anyhow::Result<()> {
         .build()
         .into();
     let url = format!("http://127.0.0.1:{port}/classify");
-    let deadline = Instant::now() + Duration::from_secs(120);
     // Wait for the models to load.
-    loop {
-        let ok = agent
-            .post(&url)
-            .header("Content-Type", "image/jpeg")
-            .send(&body[..])
-            .map(|r| r.status() == 200)
-            .unwrap_or(false);
-        if ok {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the endpoint never answered");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_for_classify(&agent, &url, &body, Duration::from_secs(120))?;
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();

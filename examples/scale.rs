@@ -15,7 +15,10 @@
 //! Options: `--shared DIR` (default `../shared/fruits360/Training`), `--work DIR`
 //! (default `/tmp/fruits-scale`; archives are kept there between runs), `--sizes`.
 
+mod common;
+
 use anyhow::{Context, Result};
+use common::{binary, measure, proc_status_mb, wait_for_classify};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -363,22 +366,7 @@ fn serve(bin: &Path, out: &Path, image: &Path) -> Result<(f64, f64)> {
         .into();
     let url = format!("http://127.0.0.1:{port}/classify");
     let result = (|| {
-        loop {
-            let ok = agent
-                .post(&url)
-                .header("Content-Type", "image/jpeg")
-                .send(&body[..])
-                .map(|r| r.status() == 200)
-                .unwrap_or(false);
-            if ok {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(300),
-                "serve never answered"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_classify(&agent, &url, &body, Duration::from_secs(300))?;
         let first = started.elapsed().as_secs_f64();
         Ok((rss_mb(&server)?, first))
     })();
@@ -387,25 +375,12 @@ fn serve(bin: &Path, out: &Path, image: &Path) -> Result<(f64, f64)> {
     result
 }
 
-fn proc_status(child: &Child, field: &str) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .context("field missing")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kb / 1024.0)
-}
-
 fn rss_mb(child: &Child) -> Result<f64> {
-    proc_status(child, "VmRSS:")
+    proc_status_mb(child, "VmRSS:")
 }
 
 fn hwm_mb(child: &Child) -> Result<f64> {
-    proc_status(child, "VmHWM:")
+    proc_status_mb(child, "VmHWM:")
 }
 
 /// User + system CPU seconds of a running child.
@@ -433,41 +408,4 @@ fn wait_images(out: &Path, n: usize) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The fruits-flow binary built beside this example.
-fn binary() -> Result<PathBuf> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("fruits-flow"))
-        .context("locating target dir")?;
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// Runs `command` to completion; returns (seconds, peak RSS in MB) of the child (its
-/// VmHWM, polled until it exits).
-fn measure(command: &mut Command) -> Result<(f64, f64)> {
-    let started = Instant::now();
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut peak = 0.0f64;
-    let status = loop {
-        if let Ok(mb) = hwm_mb(&child) {
-            peak = peak.max(mb);
-        }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    anyhow::ensure!(status.success(), "command failed: {command:?}");
-    Ok((started.elapsed().as_secs_f64(), peak))
 }

@@ -65,9 +65,17 @@ fn workers_and_processes_give_the_same_statistics() {
     assert_eq!(status(three.path())["images"], 40);
 }
 
-/// Starts 3 tailing processes (one worker each) on fresh loopback ports; returns them.
-/// `slot` keeps the ports of tests that run at the same time apart.
-fn tailing_cluster(dir: &std::path::Path, config: &str, slot: u16) -> Vec<std::process::Child> {
+/// Starts 3 tailing processes (one worker each) on fresh loopback ports, with
+/// `[cluster] liveness_timeout_s = timeout_s`, and returns them once the cluster has
+/// committed the fixtures. `slot` keeps the ports of tests that run at the same time
+/// apart.
+fn committed_cluster(dir: &std::path::Path, timeout_s: u64, slot: u16) -> Vec<std::process::Child> {
+    let config = dir.join("p.toml");
+    std::fs::write(
+        &config,
+        format!("[cluster]\nliveness_timeout_s = {timeout_s}\n"),
+    )
+    .unwrap();
     let hosts = dir.join("hosts.txt");
     let base = 30000 + (std::process::id() % 1000) as u16 * 6 + slot * 3;
     std::fs::write(
@@ -78,13 +86,15 @@ fn tailing_cluster(dir: &std::path::Path, config: &str, slot: u16) -> Vec<std::p
     )
     .unwrap();
     let out = dir.join("out");
-    (0..3)
+    let children = (0..3)
         .map(|p| {
             bin()
                 .arg("run")
                 .args(["--source", fixtures().to_str().unwrap()])
                 .args(["--output", out.to_str().unwrap()])
-                .args(["--model", model().to_str().unwrap(), "--config", config])
+                .args(["--model", model().to_str().unwrap()])
+                .arg("--config")
+                .arg(&config)
                 .args([
                     "-n",
                     "3",
@@ -98,7 +108,9 @@ fn tailing_cluster(dir: &std::path::Path, config: &str, slot: u16) -> Vec<std::p
                 .spawn()
                 .unwrap()
         })
-        .collect()
+        .collect();
+    wait_committed(&out);
+    children
 }
 
 /// Waits for a child's exit (at most `within`); returns its status and stderr.
@@ -137,10 +149,7 @@ fn wait_committed(out: &std::path::Path) {
 #[test]
 fn a_killed_process_stops_the_others_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(&config, "[cluster]\nliveness_timeout_s = 60\n").unwrap();
-    let mut children = tailing_cluster(dir.path(), config.to_str().unwrap(), 0);
-    wait_committed(&dir.path().join("out"));
+    let mut children = committed_cluster(dir.path(), 60, 0);
     let mut victim = children.remove(2);
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
@@ -161,10 +170,7 @@ fn a_killed_process_stops_the_others_with_one_line_naming_it() {
 #[test]
 fn a_stopped_process_is_given_up_on_after_the_liveness_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(&config, "[cluster]\nliveness_timeout_s = 3\n").unwrap();
-    let mut children = tailing_cluster(dir.path(), config.to_str().unwrap(), 1);
-    wait_committed(&dir.path().join("out"));
+    let mut children = committed_cluster(dir.path(), 3, 1);
     let mut frozen = children.remove(1);
     let pid = frozen.id().to_string();
     assert!(std::process::Command::new("kill")

@@ -95,7 +95,12 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let archive = Archive::load(store.as_ref(), &checkpoint, |k| k.owner(peers) == index)
         .context("restoring the ledger")?;
     let shard = Rc::new(RefCell::new(Shard::restore(&archive.ledger)));
-    let errors = archive.errors;
+    // Only worker 0's commit folds error records in.
+    let errors = if index == 0 {
+        archive.errors
+    } else {
+        Default::default()
+    };
     tracing::debug!(
         stage = "state",
         worker = index,

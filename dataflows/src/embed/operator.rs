@@ -6,9 +6,7 @@
 use super::Embedder;
 use crate::background::Background;
 use crate::metrics::{metrics, timed};
-use crate::record::{
-    Change, ChangeKind, Embedding, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, Label,
-};
+use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
 use crate::sink::OutputStore;
 use crate::source::{Shard, Source};
 use crate::state::Location;
@@ -217,13 +215,11 @@ impl Rows {
             .into_iter()
             .filter_map(|stored| {
                 let key = (*wanted.get(&stored.path)?).clone();
-                let embedding = Embedding::quantize(&stored.features)
-                    .unwrap_or_else(|e| panic!("{name}: row {}: {e}", stored.path));
-                Some(ImageRow {
-                    key,
-                    label: Label(stored.label),
-                    embedding,
-                })
+                Some(
+                    stored
+                        .to_image_row(key, &name)
+                        .unwrap_or_else(|e| panic!("{e:#}")),
+                )
             })
             .collect();
         assert_eq!(

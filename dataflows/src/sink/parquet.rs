@@ -23,6 +23,24 @@ pub struct StoredRow {
     pub features: Vec<f32>,
 }
 
+impl StoredRow {
+    /// The row as the statistics see it, under `key` (`file` names the embeddings file,
+    /// for the error). Exact: stored f32 values re-quantize to the same integers.
+    pub fn to_image_row(
+        &self,
+        key: crate::record::ImageKey,
+        file: &str,
+    ) -> Result<crate::record::ImageRow> {
+        let embedding = crate::record::Embedding::quantize(&self.features)
+            .map_err(|e| anyhow::anyhow!("{file}: row {}: {e}", self.path))?;
+        Ok(crate::record::ImageRow {
+            key,
+            label: crate::record::Label(self.label.clone()),
+            embedding,
+        })
+    }
+}
+
 /// An exported row: a stored row with its PCA features and cluster.
 pub struct ExportRow<'a> {
     /// The stored row.

@@ -202,7 +202,7 @@ impl Checkpoint {
     }
 
     /// Every file this checkpoint needs.
-    fn files(&self) -> Vec<String> {
+    pub fn files(&self) -> Vec<String> {
         let mut files = vec![checkpoint_file(self.epoch)];
         if self.log.base > 0 {
             files.push(base_file(self.log.base));
@@ -213,8 +213,9 @@ impl Checkpoint {
     }
 
     /// Writes this checkpoint, then publishes it by replacing the pointer (the commit
-    /// point), then drops the files neither it nor `previous` needs.
-    pub fn commit(&self, store: &dyn OutputStore, previous: Option<&Checkpoint>) -> Result<()> {
+    /// point), then drops the files neither it nor the previous checkpoint (`previous`:
+    /// its [`Checkpoint::files`]) needs.
+    pub fn commit(&self, store: &dyn OutputStore, previous: &[String]) -> Result<()> {
         let name = checkpoint_file(self.epoch);
         store.put(&name, &bincode::serialize(self)?)?;
         // Fault injection for the crash tests: die between the checkpoint and its pointer.
@@ -232,9 +233,7 @@ impl Checkpoint {
         }
         store.put(POINTER, name.as_bytes())?;
         let mut keep = self.files();
-        if let Some(previous) = previous {
-            keep.extend(previous.files());
-        }
+        keep.extend_from_slice(previous);
         for stale in store.list("state/")? {
             if stale != POINTER && !keep.contains(&stale) {
                 store.delete(&stale)?;
@@ -371,7 +370,6 @@ pub fn for_each_live_file(
     archive: &Archive,
     mut each: impl FnMut(Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>) -> Result<()>,
 ) -> Result<()> {
-    use crate::record::{Embedding, ImageRow, Label};
     use crate::sink::operator::epoch_of_file;
     let root = format!("{}/", checkpoint.source);
     for name in store.list("embeddings/")? {
@@ -394,14 +392,7 @@ pub fn for_each_live_file(
             if !archive.is_live_in(&key, epoch) {
                 continue;
             }
-            let embedding = Embedding::quantize(&stored.features)
-                .map_err(|e| anyhow::anyhow!("{name}: row {}: {e}", stored.path))?;
-            let row = ImageRow {
-                key,
-                label: Label(stored.label.clone()),
-                embedding,
-            };
-            live.push((row, stored));
+            live.push((stored.to_image_row(key, &name)?, stored));
         }
         live.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         each(live)?;
@@ -460,7 +451,7 @@ mod tests {
         let store = LocalStore::open(dir.path().to_str().unwrap()).unwrap();
         let mut checkpoint = Checkpoint::empty("src".into(), 2, EmbedConfig::default());
         let mut expected = Archive::default();
-        let mut previous: Option<Checkpoint> = None;
+        let mut previous = checkpoint.files();
         let mut compactions = 0;
         for epoch in 1..=300u64 {
             let mut delta = Delta::default();
@@ -483,8 +474,8 @@ mod tests {
             checkpoint.write_delta(&store, &delta).unwrap();
             compactions += checkpoint.log.history.len() - before;
             expected.apply(&delta);
-            checkpoint.commit(&store, previous.as_ref()).unwrap();
-            previous = Some(checkpoint.clone());
+            checkpoint.commit(&store, &previous).unwrap();
+            previous = checkpoint.files();
         }
         assert!(compactions >= 3, "{compactions} compactions");
         let loaded = Checkpoint::load(&store).unwrap().unwrap();

@@ -47,7 +47,10 @@ pub fn commit<'s>(
         "commit",
         move |_, _| {
             let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<CommitItem>)> = BTreeMap::new();
-            let mut previous: Option<Checkpoint> = None;
+            // The last committed checkpoint's files: kept by the next commit, so a crash
+            // mid-commit still finds everything the pointer names.
+            let mut previous = checkpoint.files();
+            let mut first = true;
             let started = Instant::now();
             let start_images = checkpoint.images();
             move |(input, frontier), output| {
@@ -69,7 +72,6 @@ pub fn commit<'s>(
                     }
                     let (cap, items) = entry.remove();
                     timed("commit", || {
-                        let before = checkpoint.clone();
                         let delta = apply(&mut checkpoint, &mut errors, t, items, peers);
                         checkpoint
                             .write_delta(store.as_ref(), &delta)
@@ -78,13 +80,14 @@ pub fn commit<'s>(
                             store.as_ref(),
                             &checkpoint,
                             &errors,
-                            !delta.errors.is_empty() || previous.is_none(),
+                            !delta.errors.is_empty() || first,
                         )
                         .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
                         checkpoint
-                            .commit(store.as_ref(), previous.as_ref())
+                            .commit(store.as_ref(), &previous)
                             .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
-                        previous = Some(before);
+                        previous = checkpoint.files();
+                        first = false;
                     });
                     crate::metrics::metrics().epoch.set(t as i64);
                     let rate = (checkpoint.images() - start_images) as f64
