@@ -62,7 +62,16 @@ impl LocalDir {
             if name.starts_with('.') {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Deleted between the directory read and the stat: simply gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Anything else fails the listing: a skipped entry would look like a
+                // deletion of everything under it.
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", entry.path().display()))
+                }
+            };
             let key = if prefix.is_empty() {
                 name
             } else {
