@@ -14,8 +14,10 @@ use std::collections::{HashMap, HashSet};
 /// What a shard knows of one owned key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Entry {
-    /// The version the last accepted listing showed (None: deleted).
-    listed: Option<String>,
+    /// The version the last accepted listing showed, as its 64-bit hash (None:
+    /// deleted): the shard is the per-image state a worker holds, and the version
+    /// strings (size and mtime, or an ETag) were a third of it.
+    listed: Option<u64>,
     /// Where its current row is stored (None: no row, or quarantined).
     stored: Option<Location>,
 }
@@ -33,7 +35,7 @@ impl Shard {
             .into_iter()
             .map(|(key, e)| {
                 let entry = Entry {
-                    listed: Some(e.version.clone()),
+                    listed: Some(version_hash(&e.version)),
                     stored: e.embedded.then_some(e.location),
                 };
                 (key.clone(), entry)
@@ -50,8 +52,9 @@ impl Shard {
         for obj in listing {
             listed.insert(&obj.key);
             let entry = self.entries.entry(obj.key.clone()).or_default();
-            if entry.listed.as_ref() != Some(&obj.version) {
-                entry.listed = Some(obj.version.clone());
+            let version = version_hash(&obj.version);
+            if entry.listed != Some(version) {
+                entry.listed = Some(version);
                 changes.push(Change {
                     key: obj.key.clone(),
                     kind: ChangeKind::Upsert {
@@ -99,6 +102,12 @@ impl Shard {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// A version's stable hash (xxh3): a rewrite goes unnoticed only if its hash equals the
+/// old one's, a 2^-64 chance per rewrite.
+fn version_hash(version: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(version.as_bytes())
 }
 
 #[cfg(test)]

@@ -289,9 +289,11 @@ impl Archive {
         keep: impl Fn(&ImageKey) -> bool,
     ) -> Result<Archive> {
         let mut archive = if checkpoint.log.base > 0 {
-            let mut base: Archive = read(store, &base_file(checkpoint.log.base))?;
-            base.ledger.retain(|k, _| keep(k));
-            base
+            let name = base_file(checkpoint.log.base);
+            let bytes = store
+                .get(&name)?
+                .with_context(|| format!("{} names {name}, which is missing", store.location()))?;
+            filtered::decode(&bytes, &keep).with_context(|| format!("decoding {name}"))?
         } else {
             Archive::default()
         };
@@ -324,6 +326,77 @@ impl Archive {
         self.ledger
             .get(key)
             .is_some_and(|e| e.embedded && e.location.epoch == epoch)
+    }
+}
+
+/// Decoding a base keeping only some ledger entries, entry by entry: a worker never
+/// holds the whole cluster's ledger, only its own shard.
+mod filtered {
+    use super::{Archive, LedgerEntry};
+    use crate::record::{ErrorRecord, ImageKey};
+    use bincode::Options;
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::collections::BTreeMap;
+
+    /// Decodes an [`Archive`] written by `bincode::serialize`, keeping the ledger
+    /// entries of keys for which `keep` is true.
+    pub fn decode(bytes: &[u8], keep: &dyn Fn(&ImageKey) -> bool) -> bincode::Result<Archive> {
+        // The options of `bincode::serialize`/`deserialize`.
+        let options = bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .allow_trailing_bytes();
+        let mut de = bincode::Deserializer::from_slice(bytes, options);
+        ArchiveSeed(keep).deserialize(&mut de)
+    }
+
+    struct ArchiveSeed<'a>(&'a dyn Fn(&ImageKey) -> bool);
+    struct LedgerSeed<'a>(&'a dyn Fn(&ImageKey) -> bool);
+
+    impl<'de> DeserializeSeed<'de> for ArchiveSeed<'_> {
+        type Value = Archive;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Archive, D::Error> {
+            d.deserialize_struct("Archive", &["ledger", "errors"], self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ArchiveSeed<'_> {
+        type Value = Archive;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a ledger base")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Archive, A::Error> {
+            use serde::de::Error;
+            let ledger = seq
+                .next_element_seed(LedgerSeed(self.0))?
+                .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+            let errors: BTreeMap<ImageKey, ErrorRecord> = seq
+                .next_element()?
+                .ok_or_else(|| A::Error::invalid_length(1, &self))?;
+            Ok(Archive { ledger, errors })
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for LedgerSeed<'_> {
+        type Value = BTreeMap<ImageKey, LedgerEntry>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for LedgerSeed<'_> {
+        type Value = BTreeMap<ImageKey, LedgerEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a ledger")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, entry)) = map.next_entry::<ImageKey, LedgerEntry>()? {
+                if (self.0)(&key) {
+                    out.insert(key, entry);
+                }
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -480,6 +553,13 @@ mod tests {
         assert!(compactions >= 3, "{compactions} compactions");
         let loaded = Checkpoint::load(&store).unwrap().unwrap();
         assert_eq!(Archive::load(&store, &loaded, |_| true).unwrap(), expected);
+        // A worker's share: the filtered decode of the base keeps exactly its keys.
+        assert!(loaded.log.base > 0);
+        let mine = |k: &ImageKey| k.owner(3) == 1;
+        let mut share = expected.clone();
+        share.ledger.retain(|k, _| mine(k));
+        assert!(!share.ledger.is_empty() && share.ledger.len() < expected.ledger.len());
+        assert_eq!(Archive::load(&store, &loaded, mine).unwrap(), share);
         let history = load_history(&store, &loaded).unwrap();
         assert_eq!(
             history.iter().map(|h| h.epoch).collect::<Vec<_>>(),
