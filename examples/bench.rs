@@ -23,13 +23,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use anyhow::Result;
-use common::{binary, measure};
+use common::{binary, measure, wait_images};
 use fruits_dataflows::decode::DecodeConfig;
 use fruits_dataflows::embed::{EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn main() -> Result<()> {
     fruits_dataflows::embed::no_transparent_huge_pages();
@@ -259,23 +259,6 @@ fn incremental(
     let _ = child.kill();
     let _ = child.wait();
     result
-}
-
-fn wait_images(out: &Path, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        if let Ok(bytes) = std::fs::read(out.join("status.json")) {
-            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
-            if v["images"].as_u64() == Some(n as u64) {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} images"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// onnxruntime's (1-thread, 2-thread) images/s from models/ort_bench.py.

@@ -18,7 +18,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{binary, measure, proc_status_mb, wait_for_classify};
+use common::{binary, measure, proc_status_mb, wait_for_classify, wait_images};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -390,22 +390,4 @@ fn cpu_seconds(child: &Child) -> Result<f64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok(ticks / 100.0)
-}
-
-fn wait_images(out: &Path, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Ok(bytes) = std::fs::read(out.join("status.json")) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                if v["images"].as_u64() == Some(n as u64) {
-                    return Ok(());
-                }
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} images"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -83,3 +83,22 @@ pub fn wait_for_classify(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until the output's published status counts `n` images (at most 15 minutes).
+pub fn wait_images(out: &Path, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Ok(bytes) = std::fs::read(out.join("status.json")) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                if v["images"].as_u64() == Some(n as u64) {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} images"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
