@@ -162,6 +162,13 @@ pub struct ServeArgs {
     /// ONNX model file (default: the one the output was built with).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Recompute the page's map at most every this many seconds (each recompute reads
+    /// every live row once, then runs t-SNE on the sample).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub map_every: f64,
+    /// Points on the page's map at most (a stable sample of the live images).
+    #[arg(long, default_value_t = crate::web::MAX_POINTS)]
+    pub map_points: usize,
 }
 
 /// Arguments of `report`.

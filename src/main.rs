@@ -7,6 +7,7 @@ mod config;
 mod export;
 mod report;
 mod serve;
+mod web;
 
 // mimalloc keeps freed tensor buffers for reuse; glibc's malloc returned the large ones
 // to the OS after every model run (mmap/munmap and page faults per image).
@@ -50,13 +51,15 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Serve(args) => {
             let (s3, pipeline) = settings(&args.out)?;
-            let options = serve_options(
+            let mut options = serve_options(
                 &args.out.output,
                 s3,
                 args.listen,
                 pipeline,
                 args.model.clone(),
             );
+            options.map.every = std::time::Duration::from_secs_f64(args.map_every.max(0.0));
+            options.map.points = args.map_points.max(1);
             serve::serve(options, Arc::new(AtomicBool::new(false)))
         }
         Command::Report(args) => {
@@ -65,6 +68,9 @@ fn dispatch(command: Command) -> Result<()> {
             let report = report::report(store.as_ref(), &args.html, pipeline.pca.variance)?;
             for png in &report.pngs {
                 eprintln!("Wrote {}.", png.display());
+            }
+            if let Some(seconds) = report.tsne_seconds {
+                eprintln!("t-SNE of the map: {seconds:.1} s.");
             }
             eprintln!("Wrote {}.", report.html.display());
             Ok(())
@@ -127,6 +133,7 @@ fn serve_options(
 ) -> serve::ServeOptions {
     serve::ServeOptions {
         output: output.to_string(),
+        map: web::MapOptions::new(pipeline.pca.variance, s3.clone()),
         s3,
         listen,
         classify: pipeline.classify,

@@ -1,16 +1,15 @@
-//! `report`: pictures of an output's live state, as PNG files and one HTML page that
-//! shows them: the explained-variance curve with the chosen k, the first two principal
-//! components coloured by label and by cluster, the cluster × label table, and images
-//! per label over the epochs. No model runs here.
+//! `report`: pictures of an output's live state, as PNG files (the explained-variance
+//! curve with the chosen k, the first two principal components coloured by label and by
+//! cluster, images per label over the epochs) and the web page `serve` answers, written
+//! as one self-contained file with its data inlined (map with t-SNE, the interactive
+//! charts, the cluster × label table). No model runs here.
 
+use crate::web::{self, MapPoint};
 use anyhow::{Context, Result};
 use fruits_dataflows::sink::OutputStore;
-use fruits_dataflows::state::{
-    for_each_live_file, load_committed, load_history, Archive, Checkpoint, EpochSummary,
-};
+use fruits_dataflows::state::{load_committed, load_history, EpochSummary};
 use fruits_dataflows::stats::PcaModel;
 use plotters::prelude::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The font every plot uses, embedded so reports look the same on any machine.
@@ -45,60 +44,14 @@ fn colour(i: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
-/// One live image in PCA space.
-struct Point {
-    label: usize,
-    cluster: Option<usize>,
-    pc: [f64; 2],
-}
-
 /// What the report was drawn from, and the files it wrote.
 pub struct Report {
     /// The HTML page.
     pub html: PathBuf,
     /// The PNG files, beside the page.
     pub pngs: Vec<PathBuf>,
-}
-
-/// Points plotted at most: a fixed-size sample keeps the report's memory and the PNG
-/// readable whatever the archive's size.
-const MAX_POINTS: usize = 20_000;
-
-/// One streaming pass over the live rows (one embeddings file at a time): the exact
-/// cluster x label table, and a sample of at most [`MAX_POINTS`] points chosen by a
-/// stable hash of the key (the same sample on every run).
-fn scan(
-    store: &dyn OutputStore,
-    checkpoint: &Checkpoint,
-    pca: &PcaModel,
-    labels: &[String],
-) -> Result<(Vec<Point>, BTreeMap<(usize, usize), usize>)> {
-    let archive = Archive::load(store, checkpoint, |_| true)?;
-    let stride = (checkpoint.images().max(0) as u64)
-        .div_ceil(MAX_POINTS as u64)
-        .max(1);
-    let mut points = Vec::new();
-    let mut table: BTreeMap<(usize, usize), usize> = BTreeMap::new();
-    for_each_live_file(store, checkpoint, &archive, |rows| {
-        let raw: Vec<Vec<f64>> = rows.iter().map(|(row, _)| row.embedding.to_f64()).collect();
-        let projected = pca.project_many(&raw);
-        let clusters = checkpoint.models.kmeans.assign_projected(&projected, pca);
-        for (((row, _), p), cluster) in rows.iter().zip(&projected).zip(clusters) {
-            let label = labels.binary_search(&row.label.0).unwrap_or(0);
-            if let Some(c) = cluster {
-                *table.entry((c, label)).or_default() += 1;
-            }
-            if points.len() < MAX_POINTS && row.key.bucket_hash() % stride == 0 {
-                points.push(Point {
-                    label,
-                    cluster,
-                    pc: [p[0], p.get(1).copied().unwrap_or(0.0)],
-                });
-            }
-        }
-        Ok(())
-    })?;
-    Ok((points, table))
+    /// Seconds the page's t-SNE took (None: too few points).
+    pub tsne_seconds: Option<f64>,
 }
 
 /// Writes the PNGs beside `html` and the page itself.
@@ -111,8 +64,8 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
         .pca
         .as_ref()
         .context("no PCA model yet: the output holds fewer than two images")?;
-    let labels: Vec<String> = checkpoint.labels.keys().cloned().collect();
-    let (points, table) = scan(store, &checkpoint, pca, &labels)?;
+    // One pass over the live rows: a stable sample and the exact cluster x label table.
+    let sample = web::scan(store, &checkpoint, pca, web::MAX_POINTS)?;
     let dir = html.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let k_clusters = checkpoint.models.kmeans.centroids.len();
@@ -122,21 +75,20 @@ pub fn report(store: &dyn OutputStore, html: &Path, variance_target: f64) -> Res
         dir.join("labels_over_time.png"),
     ];
     draw_variance(&pngs[0], pca, variance_target).context("drawing variance.png")?;
-    draw_scatter(&pngs[1], &points, &labels, k_clusters).context("drawing scatter.png")?;
+    draw_scatter(&pngs[1], &sample.points, &sample.labels, k_clusters)
+        .context("drawing scatter.png")?;
     let history = load_history(store, &checkpoint)?;
-    draw_history(&pngs[2], &history, &labels).context("drawing labels_over_time.png")?;
-    let page = page(
-        &checkpoint,
-        pca,
-        &labels,
-        &table,
-        k_clusters,
-        variance_target,
-    );
-    std::fs::write(html, page).with_context(|| format!("writing {}", html.display()))?;
+    draw_history(&pngs[2], &history, &sample.labels).context("drawing labels_over_time.png")?;
+    // The same page `serve` answers, with its data inlined: it works offline.
+    let mut data = web::MapData::new(store, &checkpoint, pca, &sample, variance_target)?;
+    data.compute_tsne(&sample);
+    data.pngs = true;
+    std::fs::write(html, web::page(Some(&data)))
+        .with_context(|| format!("writing {}", html.display()))?;
     Ok(Report {
         html: html.to_path_buf(),
         pngs,
+        tsne_seconds: data.tsne_seconds.filter(|_| data.tsne.is_some()),
     })
 }
 
@@ -217,15 +169,27 @@ fn draw_variance(path: &Path, pca: &PcaModel, target: f64) -> Result<()> {
     Ok(())
 }
 
-fn draw_scatter(path: &Path, points: &[Point], labels: &[String], clusters: usize) -> Result<()> {
+fn draw_scatter(
+    path: &Path,
+    points: &[MapPoint],
+    labels: &[String],
+    clusters: usize,
+) -> Result<()> {
+    let pc = |p: &MapPoint| {
+        [
+            p.features[0] as f64,
+            p.features.get(1).copied().unwrap_or(0.0) as f64,
+        ]
+    };
     let root = BitMapBackend::new(path, (1800, 800)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(900);
     let (mut lo, mut hi) = ([f64::INFINITY; 2], [f64::NEG_INFINITY; 2]);
     for p in points {
+        let xy = pc(p);
         for a in 0..2 {
-            lo[a] = lo[a].min(p.pc[a]);
-            hi[a] = hi[a].max(p.pc[a]);
+            lo[a] = lo[a].min(xy[a]);
+            hi[a] = hi[a].max(xy[a]);
         }
     }
     let pad = |a: usize| ((hi[a] - lo[a]) * 0.05).max(1e-9);
@@ -237,11 +201,7 @@ fn draw_scatter(path: &Path, points: &[Point], labels: &[String], clusters: usiz
         .map(|(i, l)| {
             (
                 l.clone(),
-                points
-                    .iter()
-                    .filter(|p| p.label == i)
-                    .map(|p| p.pc)
-                    .collect(),
+                points.iter().filter(|p| p.label == i).map(pc).collect(),
             )
         })
         .collect();
@@ -252,7 +212,7 @@ fn draw_scatter(path: &Path, points: &[Point], labels: &[String], clusters: usiz
                 points
                     .iter()
                     .filter(|p| p.cluster == Some(c))
-                    .map(|p| p.pc)
+                    .map(pc)
                     .collect(),
             )
         })
@@ -376,79 +336,4 @@ fn draw_history(path: &Path, history: &[EpochSummary], labels: &[String]) -> Res
         .draw()?;
     root.present()?;
     Ok(())
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn page(
-    checkpoint: &Checkpoint,
-    pca: &PcaModel,
-    labels: &[String],
-    table: &BTreeMap<(usize, usize), usize>,
-    clusters: usize,
-    target: f64,
-) -> String {
-    let mut rows = String::new();
-    rows.push_str("<tr><th>cluster \\ label</th>");
-    for l in labels {
-        rows.push_str(&format!("<th>{}</th>", escape(l)));
-    }
-    rows.push_str("<th>total</th></tr>\n");
-    for c in 0..clusters {
-        let total: usize = (0..labels.len())
-            .map(|l| table.get(&(c, l)).copied().unwrap_or(0))
-            .sum();
-        rows.push_str(&format!("<tr><th>{c}</th>"));
-        for l in 0..labels.len() {
-            let n = table.get(&(c, l)).copied().unwrap_or(0);
-            // Shade by the share of the cluster, so a pure cluster reads at a glance.
-            let share = if total > 0 {
-                n as f64 / total as f64
-            } else {
-                0.0
-            };
-            rows.push_str(&format!(
-                "<td style=\"background: rgba(31,119,180,{:.2})\">{}</td>",
-                share * 0.8,
-                if n > 0 { n.to_string() } else { String::new() }
-            ));
-        }
-        rows.push_str(&format!("<td>{total}</td></tr>\n"));
-    }
-    format!(
-        r#"<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fruits-flow report: epoch {epoch}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1900px}} img{{max-width:100%;border:1px solid #ccc;margin:0.5em 0}}
-table{{border-collapse:collapse;font-size:14px}} td,th{{border:1px solid #bbb;padding:3px 7px;text-align:right}}</style></head>
-<body>
-<h1>fruits-flow report</h1>
-<p>Source <code>{source}</code>, epoch {epoch}: {images} live images, {nlabels} labels, {errors} quarantined objects.
-PCA on standardized embeddings (d = {d}): k = {k} components explain {explained:.1} % of the variance (target {target:.0} %).
-KMeans: {clusters} clusters.</p>
-<h2>Explained variance</h2>
-<img src="variance.png" alt="explained variance curve with the chosen k marked">
-<h2>First two principal components</h2>
-<img src="scatter.png" alt="PC1 against PC2, coloured by label and by cluster">
-<h2>Clusters × labels</h2>
-<table>
-{rows}</table>
-<h2>Images per label over time</h2>
-<img src="labels_over_time.png" alt="live images per label after each epoch">
-</body></html>
-"#,
-        epoch = checkpoint.epoch,
-        source = escape(&checkpoint.source),
-        images = checkpoint.images(),
-        nlabels = labels.len(),
-        errors = checkpoint.errors,
-        d = checkpoint.models.moments.dim,
-        k = pca.k,
-        explained = pca.explained_variance() * 100.0,
-        target = target * 100.0,
-    )
 }

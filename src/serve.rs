@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub timeout: Duration,
     /// How often to look for a new committed state.
     pub reload_every: Duration,
+    /// The page's map (`GET /`, `GET /api/map`, `GET /thumb`).
+    pub map: crate::web::MapOptions,
 }
 
 /// What a request needs: the current models and the embedder that matches them.
@@ -111,11 +113,14 @@ pub fn serve(options: ServeOptions, stop: Arc<AtomicBool>) -> Result<()> {
 
 async fn serve_async(options: ServeOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let store: Arc<dyn OutputStore> = Arc::from(sink::open(&options.output, &options.s3)?);
-    let app = Arc::new(App::new());
+    let mut app = App::new();
+    let site = crate::web::Site::new(&mut app.registry);
+    let app = Arc::new(app);
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(stage = "serve", listen = %options.listen, output = %options.output, "Serving.");
+    site.start(store.clone(), options.map.clone(), stop.clone())?;
     tokio::spawn(watch(app.clone(), store, options.clone()));
     let router = Router::new()
         .route(
@@ -127,7 +132,7 @@ async fn serve_async(options: ServeOptions, stop: Arc<AtomicBool>) -> Result<()>
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such endpoint: use POST /classify, GET /status or GET /metrics",
+                "no such endpoint: use GET / (the page), POST /classify, GET /status or GET /metrics",
             )
         })
         .layer(DefaultBodyLimit::max(options.max_body))
@@ -135,7 +140,8 @@ async fn serve_async(options: ServeOptions, stop: Arc<AtomicBool>) -> Result<()>
             StatusCode::REQUEST_TIMEOUT,
             options.timeout,
         ))
-        .with_state(app);
+        .with_state(app)
+        .merge(site.routes(options.timeout));
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             while !stop.load(Ordering::Relaxed) {

@@ -1,5 +1,5 @@
 //! `report` on a fixture run: the PNG files decode as images of the promised size, and
-//! the HTML page shows them with the cluster × label table.
+//! the HTML page is the served page with its data inlined (map, table, history).
 
 use crate::util::*;
 
@@ -53,29 +53,47 @@ fn report_writes_valid_pngs_and_a_page_that_shows_them() {
         );
     }
 
+    // The page is the one `serve` answers, with its data inlined: it works offline.
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.starts_with("<!DOCTYPE html>"));
     assert!(page.trim_end().ends_with("</html>"));
-    for needle in [
-        "src=\"variance.png\"",
-        "src=\"scatter.png\"",
-        "src=\"labels_over_time.png\"",
-        "<th>Apple Golden 1</th>",
-        "<th>Strawberry 1</th>",
-        "40 live images",
-    ] {
+    for needle in ["variance.png", "scatter.png", "labels_over_time.png"] {
         assert!(page.contains(needle), "page lacks {needle}");
     }
-    // The table counts every image once: 10 cluster rows whose totals sum to 40.
-    let totals: usize = page
-        .lines()
-        .filter(|l| l.starts_with("<tr><th>") && !l.contains("cluster \\ label"))
-        .map(|l| {
-            let cell = l.rsplit("<td>").next().unwrap();
-            cell.trim_end_matches("</td></tr>")
-                .parse::<usize>()
-                .unwrap()
-        })
+    // Nothing loads from elsewhere (the one URL is SVG's namespace name).
+    let rest = page.replace("http://www.w3.org/2000/svg", "");
+    assert!(
+        !rest.contains("http://") && !rest.contains("https://"),
+        "the page loads something from elsewhere"
+    );
+    let inlined = page
+        .split("window.__DATA = ")
+        .nth(1)
+        .and_then(|rest| rest.split(";</script>").next())
+        .expect("inlined data");
+    let data: serde_json::Value = serde_json::from_str(&inlined.replace("<\\/", "</")).unwrap();
+    assert_eq!(data["images"], 40);
+    assert_eq!(data["pngs"], true);
+    assert_eq!(
+        data["labels"],
+        serde_json::json!(["Apple Golden 1", "Banana 1", "Kiwi 1", "Strawberry 1"])
+    );
+    // Every live image is on the map (40 < the sample size), in both projections.
+    assert_eq!(data["keys"].as_array().unwrap().len(), 40);
+    assert_eq!(data["pc"]["xy"].as_array().unwrap().len(), 80);
+    assert_eq!(data["tsne"]["xy"].as_array().unwrap().len(), 80);
+    // The table counts every image once.
+    let totals: u64 = data["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[2].as_u64().unwrap())
         .sum();
     assert_eq!(totals, 40);
+    // Several epochs of history, ending at 10 images per label.
+    let history = &data["history"];
+    assert!(history["epochs"].as_array().unwrap().len() >= 3);
+    for row in history["counts"].as_array().unwrap() {
+        assert_eq!(row.as_array().unwrap().last().unwrap(), 10);
+    }
 }
