@@ -21,3 +21,5 @@ mod crash;
 mod serve;
 // The report's pictures and page.
 mod report;
+// The web page: map, thumbnails (only sampled keys), and the page in headless Chromium.
+mod web;
