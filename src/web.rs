@@ -380,7 +380,9 @@ pub fn page(data: Option<&MapData>) -> String {
 /// Settings of the served map.
 #[derive(Clone, Debug)]
 pub struct MapOptions {
-    /// Recompute at most this often (each recompute reads every live row once).
+    /// Recompute at most this often (each recompute reads every live row once), and
+    /// never sooner than 4 times the last recompute's duration after it (so the map
+    /// takes at most a fifth of a CPU's time from a pipeline it runs beside).
     pub every: Duration,
     /// Points on the map at most.
     pub points: usize,
@@ -503,15 +505,18 @@ impl Site {
 
     fn follow(&self, store: &dyn OutputStore, options: &MapOptions, stop: &AtomicBool) {
         let mut seen: Option<Vec<u8>> = None;
-        let mut last: Option<Instant> = None;
+        // When the last recompute started, and how long it took.
+        let mut last: Option<(Instant, Duration)> = None;
         let mut source: Option<(String, Option<Arc<dyn Source>>)> = None;
         while !stop.load(Ordering::Relaxed) {
             let pointer = store.get("state/CURRENT");
-            let due = last.is_none_or(|t| t.elapsed() >= options.every);
+            let due = last.is_none_or(|(at, took)| at.elapsed() >= options.every.max(took * 5));
             match pointer {
                 Ok(Some(p)) if seen.as_ref() != Some(&p) && due => {
-                    last = Some(Instant::now());
-                    match self.build(store, options, &mut source) {
+                    let started = Instant::now();
+                    let built = self.build(store, options, &mut source);
+                    last = Some((started, started.elapsed()));
+                    match built {
                         Ok(()) => seen = Some(p),
                         Err(e) => {
                             let e = format!("{e:#}");
