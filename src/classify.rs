@@ -28,7 +28,7 @@ pub fn run(args: &ClassifyArgs, s3: &S3Config, mut config: ClassifyConfig) -> Re
             .map_err(|e| format!("cannot read: {e}"))
             .and_then(|bytes| {
                 embedder
-                    .embed_bytes(&bytes)
+                    .embed_photo(&bytes)
                     .map_err(|e| format!("{}: {}", e.kind.as_str(), e.reason))
             });
         match result {
@@ -45,8 +45,14 @@ pub fn run(args: &ClassifyArgs, s3: &S3Config, mut config: ClassifyConfig) -> Re
                         .map(|l| format!("{} {:.3}", l.label, l.score))
                         .collect();
                     let cluster = p.cluster.map_or("-".into(), |c| c.to_string());
+                    // An unknown photo still lists the nearest labels, after the answer.
+                    let answer = if p.known {
+                        String::new()
+                    } else {
+                        format!("{} (far from every label) | nearest: ", p.answer)
+                    };
                     println!(
-                        "{}: {} | cluster {cluster} | epoch {}",
+                        "{}: {answer}{} | cluster {cluster} | epoch {}",
                         path.display(),
                         labels.join(", "),
                         p.model_epoch

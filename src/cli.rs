@@ -137,7 +137,7 @@ pub struct OutputArgs {
 pub struct ClassifyArgs {
     #[command(flatten)]
     pub out: OutputArgs,
-    /// JPEG files to classify.
+    /// Photos to classify: JPEG (EXIF orientation applied), PNG or WebP.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Labels to print per image (overrides [classify] top).

@@ -1,5 +1,6 @@
 //! `serve` (alone, or inside `run --serve`): an HTTP endpoint over an output's live
-//! state. `POST /classify` names the fruit in a JPEG, `GET /status` is `status --json`,
+//! state. `POST /classify` names the fruit in a photo (JPEG, PNG or WebP; `unknown`
+//! when it is far from every label), `GET /status` is `status --json`,
 //! `GET /metrics` is Prometheus text. A watcher re-reads the committed state whenever
 //! `state/CURRENT` moves, so a new label folder becomes answerable without a restart.
 //!
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fruits_dataflows::classify::{self, Classifier, ClassifyConfig};
+use fruits_dataflows::decode::{photo_type, PHOTO_TYPES};
 use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::io::S3Config;
 use fruits_dataflows::metrics::{metrics, Labels};
@@ -314,26 +316,40 @@ async fn classify_request(app: &App, headers: &HeaderMap, body: Bytes) -> Respon
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let accepted = ["image/jpeg", "image/jpg", "application/octet-stream"];
     let mime = content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if !accepted.contains(&mime.as_str()) {
+    let declared = match mime.as_str() {
+        "image/jpg" => "image/jpeg",
+        m => m,
+    };
+    if !PHOTO_TYPES.contains(&declared) && declared != "application/octet-stream" {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Type must be image/jpeg (got {content_type:?})"),
+            format!(
+                "Content-Type must be one of {} (got {content_type:?})",
+                PHOTO_TYPES.join(", ")
+            ),
         );
     }
     if body.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "empty body: send the JPEG bytes");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "empty body: send the photo's bytes",
+        );
     }
-    if !body.starts_with(&[0xFF, 0xD8, 0xFF]) {
+    // What the bytes are, whatever the header says: refused before any decoding.
+    let sniffed = match photo_type(&body) {
+        Ok(t) => t,
+        Err(reason) => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason),
+    };
+    if declared != "application/octet-stream" && declared != sniffed {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "body is not a JPEG image (no JPEG signature)",
+            format!("Content-Type says {declared} but the body is {sniffed}"),
         );
     }
     let Some(live) = app.current() else {
@@ -345,7 +361,7 @@ async fn classify_request(app: &App, headers: &HeaderMap, body: Bytes) -> Respon
     let result = tokio::task::spawn_blocking(move || {
         let mut embedder = live.acquire();
         let result = embedder
-            .embed_bytes(&body)
+            .embed_photo(&body)
             .map(|e| live.classifier.predict(&e.to_f64()));
         live.release(embedder);
         result

@@ -93,6 +93,22 @@ fn fixture(label: &str, n: usize) -> std::path::PathBuf {
     files[n].clone()
 }
 
+/// The in-repo photos that are not fruit (tests/fixtures/nonfruit).
+fn nonfruit() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nonfruit");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 4,
+        "tests/fixtures/nonfruit holds the non-fruit photos"
+    );
+    files
+}
+
 #[test]
 fn classify_command_names_fixture_fruits_and_reports_bad_files() {
     let out = tempfile::tempdir().unwrap();
@@ -122,6 +138,8 @@ fn classify_command_names_fixture_fruits_and_reports_bad_files() {
     assert_eq!(lines.len(), 2, "{stdout}\n{stderr}");
     for (line, label) in lines.iter().zip(["Banana 1", "Kiwi 1"]) {
         assert_eq!(line["labels"][0]["label"], label, "{line}");
+        assert_eq!(line["answer"], label, "{line}");
+        assert_eq!(line["known"], true, "{line}");
         assert_eq!(line["labels"].as_array().unwrap().len(), 3);
         assert!(line["cluster"].as_u64().unwrap() < 10);
         assert_eq!(line["model_epoch"], status(out.path())["epoch"]);
@@ -206,6 +224,49 @@ fn endpoint_classifies_refuses_malformed_input_and_survives() {
     }
     let (status, _) = get(port, "/nowhere").unwrap();
     assert_eq!(status, 404);
+
+    // The formats phones send: the same photo as PNG and as WebP names the same fruit;
+    // a GIF is refused with 415 naming the formats accepted.
+    let photo = image::load_from_memory(&std::fs::read(fixture("Banana 1", 4)).unwrap()).unwrap();
+    for (format, mime) in [
+        (image::ImageFormat::Png, "image/png"),
+        (image::ImageFormat::WebP, "image/webp"),
+    ] {
+        let mut bytes = Vec::new();
+        photo
+            .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+            .unwrap();
+        for content_type in [mime, "application/octet-stream"] {
+            let (status, body) = post(port, content_type, &bytes);
+            assert_eq!(status, 200, "{mime} as {content_type}: {body}");
+            assert_eq!(body["labels"][0]["label"], "Banana 1", "{mime}: {body}");
+            assert_eq!(body["known"], true, "{mime}: {body}");
+        }
+    }
+    let (status, body) = post(port, "image/gif", b"GIF89a\x01\0\x01\0\0\0\0;");
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = post(
+        port,
+        "application/octet-stream",
+        b"GIF89a\x01\0\x01\0\0\0\0;",
+    );
+    assert_eq!(status, 415, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("JPEG, PNG or WebP"),
+        "{body}"
+    );
+
+    // Photos that are not fruit are answered `unknown`, with the labels still listed.
+    for path in nonfruit() {
+        let (status, body) = post(port, "image/jpeg", &std::fs::read(&path).unwrap());
+        assert_eq!(status, 200, "{}: {body}", path.display());
+        assert_eq!(body["known"], false, "{}: {body}", path.display());
+        assert_eq!(body["answer"], "unknown", "{}: {body}", path.display());
+        assert_eq!(body["labels"].as_array().unwrap().len(), 3, "{body}");
+    }
     // An 11 MB body: refused with 413 (the server may stop reading early, so the body
     // is written from another thread and write errors are expected).
     let reply = raw_exchange(port, &[&jpeg[..], &vec![0u8; 11 << 20][..]].concat());

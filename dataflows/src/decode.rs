@@ -77,7 +77,7 @@ pub fn decode(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeErr
             ))
         }
     }
-    check_jpeg_structure(bytes, config)?;
+    check_jpeg_structure(bytes, config, Components::Rgb)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(config.max_dimension);
     limits.max_image_height = Some(config.max_dimension);
@@ -107,11 +107,97 @@ pub fn decode(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeErr
     Ok(image.into_rgb8())
 }
 
+/// The photo formats [`decode_photo`] accepts, as MIME types (what `POST /classify`
+/// takes as Content-Type, besides `application/octet-stream`).
+pub const PHOTO_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
+
+/// The MIME type of a photo's bytes from their signature, or why it is not one
+/// [`decode_photo`] accepts.
+pub fn photo_type(bytes: &[u8]) -> Result<&'static str, String> {
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => Ok("image/jpeg"),
+        Ok(ImageFormat::Png) => Ok("image/png"),
+        Ok(ImageFormat::WebP) => Ok("image/webp"),
+        Ok(other) => Err(format!("{other:?} image; send JPEG, PNG or WebP")),
+        Err(_) => Err("not a JPEG, PNG or WebP image (unrecognised signature)".into()),
+    }
+}
+
+/// Decodes a photo a person sends (the app's `classify`, not the archive): JPEG with its
+/// EXIF orientation applied, PNG or WebP, any colour type (grayscale and CMYK become RGB,
+/// transparency is composited over white, as a cut-out fruit is usually shown). The
+/// archive keeps the strict rules of [`decode`]: its images are training data, where a
+/// silently converted file would be a silent change of statistics.
+pub fn decode_photo(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeError> {
+    if bytes.is_empty() {
+        return Err(fail(ErrorKind::Empty, "zero-byte file"));
+    }
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(ErrorKind::Read, e.to_string()))?;
+    match reader.format() {
+        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => {}
+        Some(other) => {
+            return Err(fail(
+                ErrorKind::UnsupportedFormat,
+                format!("{other:?} image; JPEG, PNG and WebP are accepted"),
+            ))
+        }
+        None => {
+            return Err(fail(
+                ErrorKind::NotAnImage,
+                "not an image (unrecognised file signature)",
+            ))
+        }
+    }
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        // The JPEG decoder pads a truncated upload with gray: refuse it instead.
+        check_jpeg_structure(bytes, config, Components::Any)?;
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(config.max_dimension);
+    limits.max_image_height = Some(config.max_dimension);
+    let mut reader = reader;
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| classify(e, config))?;
+    let (w, h) = decoder.dimensions();
+    if w > config.max_dimension || h > config.max_dimension {
+        return Err(too_large(w, h, config));
+    }
+    // A missing or unreadable orientation tag means "as stored".
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, config))?;
+    image.apply_orientation(orientation);
+    Ok(over_white(image))
+}
+
+/// RGB pixels of any decoded image; transparent pixels are blended over white.
+fn over_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            o[c] = ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
 /// Checks the frame header before decoding (dimensions against the limit, so a huge
 /// image is rejected without allocating), and what the JPEG decoder forgives: the number of colour components in the frame
 /// header (it converts CMYK and YCCK to RGB silently), and a missing end-of-image marker
 /// (it pads truncated scans with gray).
-fn check_jpeg_structure(bytes: &[u8], config: &DecodeConfig) -> Result<(), DecodeError> {
+fn check_jpeg_structure(
+    bytes: &[u8],
+    config: &DecodeConfig,
+    components: Components,
+) -> Result<(), DecodeError> {
     let mut i = 2; // after SOI
     while i + 4 <= bytes.len() {
         if bytes[i] != 0xFF {
@@ -134,6 +220,8 @@ fn check_jpeg_structure(bytes: &[u8], config: &DecodeConfig) -> Result<(), Decod
                 return Err(too_large(w, h, config));
             }
             match bytes.get(i + 9) {
+                // A photo may be grayscale or CMYK: the decoder converts it.
+                _ if components == Components::Any => {}
                 Some(3) => {}
                 Some(1) => {
                     return Err(fail(
@@ -171,6 +259,15 @@ fn check_jpeg_structure(bytes: &[u8], config: &DecodeConfig) -> Result<(), Decod
     Ok(())
 }
 
+/// Which JPEG colour components [`check_jpeg_structure`] accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Components {
+    /// Three (RGB/YCbCr) only: the archive's rule.
+    Rgb,
+    /// Any: a photo is converted to RGB.
+    Any,
+}
+
 fn too_large(w: u32, h: u32, config: &DecodeConfig) -> DecodeError {
     fail(
         ErrorKind::TooLarge,
@@ -189,7 +286,7 @@ fn classify(e: image::ImageError, config: &DecodeConfig) -> DecodeError {
         ),
         other => fail(
             ErrorKind::Corrupt,
-            format!("corrupt or truncated JPEG: {other}"),
+            format!("corrupt or truncated image: {other}"),
         ),
     }
 }
@@ -306,5 +403,114 @@ mod tests {
         assert_eq!(kind(&good[..good.len() / 3]), ErrorKind::Corrupt);
         let small = DecodeConfig { max_dimension: 32 };
         assert_eq!(decode(&good, &small).unwrap_err().kind, ErrorKind::TooLarge);
+    }
+
+    /// Left half red, right half blue, `w`x`h` RGB pixels.
+    fn two_colours(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, _| {
+            if x < w / 2 {
+                image::Rgb([250, 0, 0])
+            } else {
+                image::Rgb([0, 0, 250])
+            }
+        })
+    }
+
+    #[test]
+    fn photos_apply_exif_orientation() {
+        use image::ImageEncoder;
+        // A minimal little-endian TIFF/EXIF block: one IFD entry, Orientation = 6
+        // (the camera was turned: rotate 90 degrees clockwise to view).
+        let mut exif = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let pixels = two_colours(40, 20);
+        let mut jpeg = Vec::new();
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95);
+        encoder.set_exif_metadata(exif).unwrap();
+        encoder
+            .write_image(pixels.as_raw(), 40, 20, ExtendedColorType::Rgb8)
+            .unwrap();
+        let photo = decode_photo(&jpeg, &DecodeConfig::default()).unwrap();
+        assert_eq!(photo.dimensions(), (20, 40), "turned upright");
+        assert!(
+            photo.get_pixel(10, 2)[0] > 200,
+            "the left (red) side is now on top"
+        );
+        assert!(photo.get_pixel(10, 37)[2] > 200, "blue at the bottom");
+        // The archive decoder is unchanged: stored as is.
+        assert_eq!(
+            decode(&jpeg, &DecodeConfig::default())
+                .unwrap()
+                .dimensions(),
+            (40, 20)
+        );
+    }
+
+    #[test]
+    fn photos_accept_png_with_alpha_and_webp() {
+        use image::ImageEncoder;
+        let rgba = image::RgbaImage::from_fn(8, 8, |x, _| {
+            if x < 4 {
+                image::Rgba([0, 200, 0, 255])
+            } else {
+                image::Rgba([0, 0, 0, 0])
+            }
+        });
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(rgba.as_raw(), 8, 8, ExtendedColorType::Rgba8)
+            .unwrap();
+        let photo = decode_photo(&png, &DecodeConfig::default()).unwrap();
+        assert_eq!(photo.get_pixel(1, 1).0, [0, 200, 0]);
+        assert_eq!(
+            photo.get_pixel(6, 1).0,
+            [255, 255, 255],
+            "transparent over white"
+        );
+        assert_eq!(
+            decode(&png, &DecodeConfig::default()).unwrap_err().kind,
+            ErrorKind::UnsupportedFormat,
+            "the archive stays JPEG-only"
+        );
+        let mut webp = Vec::new();
+        let pixels = two_colours(16, 16);
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .write_image(pixels.as_raw(), 16, 16, ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(
+            decode_photo(&webp, &DecodeConfig::default()).unwrap(),
+            pixels
+        );
+        // Grayscale JPEG: refused by the archive, converted for a photo.
+        let gray = jpeg(ExtendedColorType::L8, 10, 10);
+        assert_eq!(
+            decode_photo(&gray, &DecodeConfig::default())
+                .unwrap()
+                .dimensions(),
+            (10, 10)
+        );
+        let cfg = DecodeConfig::default();
+        let gif = b"GIF89a\x01\0\x01\0\0\0\0;";
+        assert_eq!(
+            decode_photo(gif, &cfg).unwrap_err().kind,
+            ErrorKind::UnsupportedFormat
+        );
+        assert_eq!(
+            decode_photo(b"text", &cfg).unwrap_err().kind,
+            ErrorKind::NotAnImage
+        );
+        let small = DecodeConfig { max_dimension: 4 };
+        assert_eq!(
+            decode_photo(&png, &small).unwrap_err().kind,
+            ErrorKind::TooLarge
+        );
+        let good = jpeg(ExtendedColorType::Rgb8, 64, 64);
+        assert_eq!(
+            decode_photo(&good[..good.len() / 2], &cfg)
+                .unwrap_err()
+                .kind,
+            ErrorKind::Corrupt,
+            "a truncated upload is refused, not padded"
+        );
     }
 }

@@ -313,6 +313,13 @@ impl Embedder {
         self.embed_pixels(&pixels)
     }
 
+    /// Embeds a photo a person sends: JPEG (EXIF orientation applied), PNG or WebP,
+    /// any colour type ([`decode::decode_photo`]); archive images use [`Self::embed_bytes`].
+    pub fn embed_photo(&mut self, bytes: &[u8]) -> Result<Embedding, EmbedError> {
+        let pixels = self.preparer().prepare_photo(bytes)?;
+        self.embed_pixels(&pixels)
+    }
+
     /// The model input tensor for one image file's bytes, built as the embed stage
     /// builds it (decode, resize, normalise).
     pub fn input_tensor(&self, bytes: &[u8]) -> Result<Vec<f32>, EmbedError> {
@@ -359,6 +366,14 @@ impl Preparer {
     pub fn prepare(&self, bytes: &[u8]) -> Result<Vec<u8>, EmbedError> {
         timed("decode", || {
             let image = decode::decode(bytes, &self.decode)?;
+            Ok(self.preprocess.resized(&image))
+        })
+    }
+
+    /// Decodes and resizes one photo (the app's formats, see [`decode::decode_photo`]).
+    pub fn prepare_photo(&self, bytes: &[u8]) -> Result<Vec<u8>, EmbedError> {
+        timed("decode", || {
+            let image = decode::decode_photo(bytes, &self.decode)?;
             Ok(self.preprocess.resized(&image))
         })
     }
