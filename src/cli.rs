@@ -36,11 +36,13 @@ pub enum Command {
     /// Name the fruit in photos with the current models of an output: top labels with
     /// scores and the nearest cluster.
     Classify(ClassifyArgs),
-    /// HTTP endpoint over an output's live models: POST /classify (JPEG body),
-    /// GET /status, GET /metrics. Follows the running dataflow without restarts.
+    /// HTTP endpoint over an output's live models: GET / (the web page: map of the
+    /// archive, charts, try a photo), POST /classify (JPEG body), GET /status,
+    /// GET /metrics. Follows the running dataflow without restarts.
     Serve(ServeArgs),
     /// Draw the state of an output: explained variance, PC1×PC2 by label and by
-    /// cluster, cluster × label table, images per label over time (PNG + one HTML page).
+    /// cluster, images per label over time (PNG), and the web page `serve` answers as one
+    /// self-contained HTML file (t-SNE map, charts, cluster × label table).
     Report(ReportArgs),
     /// Rebuild every statistic from the stored embeddings (no model runs), check the
     /// moments against the streamed state, and write the rebuilt models to OUT/replay/.
