@@ -37,7 +37,7 @@ pub enum Command {
     /// scores and the nearest cluster.
     Classify(ClassifyArgs),
     /// HTTP endpoint over an output's live models: GET / (the web page: map of the
-    /// archive, charts, try a photo), POST /classify (JPEG body), GET /status,
+    /// archive, charts, try a photo), POST /classify (a JPEG, PNG or WebP photo), GET /status,
     /// GET /metrics. Follows the running dataflow without restarts.
     Serve(ServeArgs),
     /// Draw the state of an output: explained variance, PC1×PC2 by label and by

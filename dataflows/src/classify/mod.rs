@@ -22,7 +22,7 @@ pub mod discriminant;
 
 use crate::record::ImageRow;
 use crate::state::Checkpoint;
-use crate::stats::{KMeans, LabelStats, PcaModel};
+use crate::stats::{LabelStats, PcaModel};
 use anyhow::{Context, Result};
 use discriminant::{Discriminant, Shrinkage};
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,6 @@ pub struct Prediction {
 /// them there.
 pub struct Classifier {
     pca: PcaModel,
-    kmeans: KMeans,
     epoch: u64,
     labels: Vec<String>,
     /// Stored points, for `knn` only.
@@ -121,6 +120,8 @@ pub struct Classifier {
     tau: f64,
     /// The discriminant (None while there are no more images than labels).
     discriminant: Option<Discriminant>,
+    /// KMeans centroids in PCA space (projected once, not per photo).
+    centroids: Vec<Vec<f64>>,
     config: ClassifyConfig,
 }
 
@@ -162,7 +163,7 @@ impl Classifier {
         );
         Ok(Classifier {
             discriminant,
-            kmeans: checkpoint.models.kmeans.clone(),
+            centroids: checkpoint.models.kmeans.projected_centroids(&pca),
             epoch: checkpoint.epoch,
             pca,
             labels,
@@ -239,9 +240,11 @@ impl Classifier {
                 d.typical_distance(s.distance.iter().copied().fold(f64::INFINITY, f64::min))
             });
         let known = distance.is_none_or(|d| d <= self.config.unknown_distance);
-        let cluster = self
-            .kmeans
-            .assign_projected(std::slice::from_ref(&p), &self.pca)[0];
+        // The nearest centroid; ties go to the lower index, as in the KMeans stage.
+        let cluster = (0..self.centroids.len())
+            .map(|c| (dist2(&p, &self.centroids[c]), c))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+            .map(|(_, c)| c);
         Prediction {
             answer: if known {
                 labels[0].label.clone()
