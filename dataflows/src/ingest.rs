@@ -84,6 +84,15 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output, &config.s3)?);
     let mut embedder = Embedder::load(&config.embed, &config.decode)?;
     let dim = embedder.dim()?;
+    if index == 0 {
+        tracing::info!(
+            stage = "embed",
+            engine = ?embedder.backend(),
+            model = %embedder.config().model.display(),
+            input_size = embedder.preprocess().size,
+            "Model loaded."
+        );
+    }
     let checkpoint = resume(
         store.as_ref(),
         source.as_ref(),

@@ -45,10 +45,12 @@ pub struct EmbedConfig {
     pub output: String,
     /// tract model transforms applied before optimisation (e.g. "conv_nhwc").
     pub transforms: Vec<String>,
-    /// Inference engine: `tract` (default, pure Rust) or `onnxruntime` (cargo feature
-    /// `onnxruntime`; outputs equal to tract's within 1e-4).
+    /// Inference engine: `auto` (default: onnxruntime when its library is found, else
+    /// tract), `tract` (pure Rust) or `onnxruntime` (outputs equal to tract's within
+    /// 1e-4). The checkpoint records the engine that ran.
     pub backend: Backend,
-    /// libonnxruntime.so for the onnxruntime backend (default: `ORT_DYLIB_PATH`).
+    /// libonnxruntime.so for the onnxruntime backend (default: `ORT_DYLIB_PATH`, then
+    /// the onnxruntime Python wheel's copy, then the system's).
     pub onnxruntime_library: Option<PathBuf>,
 }
 
@@ -56,8 +58,11 @@ pub struct EmbedConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
-    /// tract-onnx: pure Rust, always available.
+    /// onnxruntime when its library is found (and the build has the feature), else
+    /// tract.
     #[default]
+    Auto,
+    /// tract-onnx: pure Rust, always available.
     Tract,
     /// onnxruntime through the `ort` crate, loaded at run time.
     Onnxruntime,
@@ -81,7 +86,7 @@ impl Default for EmbedConfig {
             output: "embedding".into(),
             // Channel-last convolutions: 1.3x (224) to 2x (112) faster in tract here.
             transforms: vec!["conv_nhwc".into()],
-            backend: Backend::Tract,
+            backend: Backend::Auto,
             onnxruntime_library: None,
         }
     }
@@ -230,8 +235,13 @@ impl Embedder {
             );
         }
         let mut config = config.clone();
+        let auto = config.backend == Backend::Auto;
+        if auto {
+            config.backend = auto_backend(&mut config);
+        }
         let engine = match config.backend {
-            Backend::Tract => {
+            Backend::Tract | Backend::Auto => {
+                config.backend = Backend::Tract;
                 let (plan, size) = tract_plan(&config, outputs)?;
                 config.input_size = size;
                 Engine::Tract(plan.spawn()?)
@@ -240,7 +250,22 @@ impl Embedder {
                 if let Some(size) = declared_size(&parse(&config.model)?)? {
                     config.input_size = size;
                 }
-                Self::onnxruntime_engine(&config, outputs)?
+                match Self::onnxruntime_engine(&config, outputs) {
+                    Ok(engine) => engine,
+                    // `auto` found a library that does not load: tract, said once.
+                    Err(e) if auto => {
+                        static ONCE: std::sync::Once = std::sync::Once::new();
+                        ONCE.call_once(|| {
+                            tracing::warn!(stage = "embed", error = %format!("{e:#}"), "onnxruntime found but not usable: embedding with tract.")
+                        });
+                        config.backend = Backend::Tract;
+                        config.onnxruntime_library = None;
+                        let (plan, size) = tract_plan(&config, outputs)?;
+                        config.input_size = size;
+                        Engine::Tract(plan.spawn()?)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         Ok(Embedder {
@@ -263,7 +288,7 @@ impl Embedder {
         let library = config
             .onnxruntime_library
             .clone()
-            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .or_else(find_onnxruntime)
             .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
         Ok(Engine::Onnxruntime(onnxruntime::OrtEngine::load(
             &config.model,
@@ -279,6 +304,11 @@ impl Embedder {
             "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
              cargo build --release --features onnxruntime"
         )
+    }
+
+    /// The engine running the model (never `auto`).
+    pub fn backend(&self) -> Backend {
+        self.config.backend
     }
 
     /// The settings in use, with the input size the model declares.
@@ -359,6 +389,79 @@ impl Embedder {
 pub struct Preparer {
     decode: DecodeConfig,
     preprocess: Preprocess,
+}
+
+/// What `auto` resolves to: onnxruntime when the build has it and its library is found
+/// and loads (the library path is then recorded in `config`), else tract. Decided once
+/// per process, so every worker runs the same engine.
+fn auto_backend(config: &mut EmbedConfig) -> Backend {
+    if !cfg!(feature = "onnxruntime") {
+        return Backend::Tract;
+    }
+    match config.onnxruntime_library.clone().or_else(find_onnxruntime) {
+        Some(library) => {
+            config.onnxruntime_library = Some(library);
+            Backend::Onnxruntime
+        }
+        None => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::info!(
+                    stage = "embed",
+                    "libonnxruntime not found (ORT_DYLIB_PATH, the onnxruntime Python wheel, \
+                     the system's library paths): embedding with tract."
+                )
+            });
+            Backend::Tract
+        }
+    }
+}
+
+/// Where libonnxruntime is: `ORT_DYLIB_PATH`, the onnxruntime Python wheel (what
+/// `scripts/setup` installs), then the usual system directories. Searched once.
+pub fn find_onnxruntime() -> Option<PathBuf> {
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+                return Some(PathBuf::from(path));
+            }
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            // The wheel's directory, as its own Python sees it (no output if absent).
+            if let Ok(out) = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import os, onnxruntime; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))",
+                ])
+                .stderr(std::process::Stdio::null())
+                .output()
+            {
+                let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if out.status.success() && !dir.is_empty() {
+                    dirs.push(PathBuf::from(dir));
+                }
+            }
+            for dir in ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
+                dirs.push(PathBuf::from(dir));
+            }
+            dirs.iter().find_map(|dir| library_in(dir))
+        })
+        .clone()
+}
+
+/// `libonnxruntime.so` or its highest versioned file in `dir`.
+fn library_in(dir: &std::path::Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == "libonnxruntime.so" || n.starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 impl Preparer {

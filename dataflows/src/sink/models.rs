@@ -16,6 +16,12 @@ pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
         "labels": checkpoint.label_counts(),
         "errors": checkpoint.errors,
         "errors_by_kind": checkpoint.errors_by_kind,
+        // What made the embeddings (the run that started this output).
+        "embedding": json!({
+            "model": checkpoint.embed.model.display().to_string(),
+            "input_size": checkpoint.embed.input_size,
+            "engine": checkpoint.embed.backend,
+        }),
         "pca": models.pca.as_ref().map(|p| json!({
             "k": p.k,
             "n": p.n,
