@@ -284,6 +284,8 @@ fn run(args: RunArgs) -> Result<()> {
             })
             .context("starting the HTTP endpoint")?;
     }
+    let summary = (args.once && args.cluster.process == 0)
+        .then(|| (options.output.clone(), options.pipeline.s3.clone()));
     let guards = timely::execute(timely, move |worker| {
         fruits_dataflows::run_worker(worker, &options)
             .map_err(|e| format!("worker {}: {e:#}", worker.index()))
@@ -294,5 +296,54 @@ fn run(args: RunArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!(e))?
             .map_err(|e| anyhow::anyhow!(e))?;
     }
+    if let Some((output, s3)) = summary {
+        print_summary(&output, &s3)?;
+    }
+    Ok(())
+}
+
+/// What `run --once` leaves a new user with: what is in the output and what to run next.
+fn print_summary(output: &str, s3: &fruits_dataflows::io::S3Config) -> Result<()> {
+    let store = fruits_dataflows::sink::open(output, s3)?;
+    let c = fruits_dataflows::state::load_committed(store.as_ref())?;
+    let pca = c
+        .models
+        .pca
+        .as_ref()
+        .map_or("no PCA yet (fewer than two images)".to_string(), |p| {
+            format!(
+                "PCA k = {} ({:.1} % of the variance)",
+                p.k,
+                100.0 * p.explained_variance()
+            )
+        });
+    println!(
+        "\nDone: {} images in {} labels, {} errors{}; epoch {}.",
+        c.images(),
+        c.labels.values().filter(|s| s.n > 0).count(),
+        c.errors,
+        if c.errors > 0 {
+            format!(" (see {output}/errors.csv)")
+        } else {
+            String::new()
+        },
+        c.epoch
+    );
+    println!(
+        "{pca}; KMeans k = {}; embeddings by {} at {}x{} ({:?}).",
+        c.models.kmeans.centroids.len(),
+        c.embed.model.display(),
+        c.embed.input_size,
+        c.embed.input_size,
+        c.embed.backend
+    );
+    println!("Outputs in {output}: embeddings/ (Parquet), models/, status.json, errors.csv.");
+    println!("Next:");
+    let bin = "target/release/fruits-flow";
+    println!("  {bin} classify --output {output} PHOTO.jpg        # name a fruit");
+    println!(
+        "  {bin} serve --output {output} --listen 127.0.0.1:8080   # web page, POST /classify"
+    );
+    println!("  {bin} report --output {output} --html report/index.html");
     Ok(())
 }

@@ -11,13 +11,27 @@ fn once_run_writes_models_status_and_readable_tables() {
     // Small epochs so the PCA is published several times and must come out as batch.
     let config = out.path().join("pipeline.toml");
     std::fs::write(&config, "[source]\nepoch_size = 7\n").unwrap();
-    run_once(
+    let run = run_once(
         &fixtures(),
         out.path(),
         &["--config", config.to_str().unwrap(), "-w", "2"],
     );
 
     let status = status(out.path());
+    // The summary a new user reads, from the committed state.
+    let summary = String::from_utf8_lossy(&run.stdout);
+    let k_line = format!("PCA k = {}", status["pca"]["k"]);
+    assert!(
+        summary.contains("Done: 40 images in 4 labels, 0 errors"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&k_line) && summary.contains("classify --output"),
+        "{summary}"
+    );
+    // Which model, size and engine made the embeddings.
+    assert_eq!(status["embedding"]["input_size"], 112);
+    assert!(["tract", "onnxruntime"].contains(&status["embedding"]["engine"].as_str().unwrap()));
     assert_eq!(status["images"], 40);
     assert_eq!(status["errors"], 0);
     assert_eq!(status["labels"]["Apple Golden 1"], 10);
