@@ -138,7 +138,7 @@ impl From<DecodeError> for EmbedError {
 /// The allocator returns idle memory to the OS a few milliseconds after it is freed, and
 /// with huge pages each later touch of that memory faults in and zeroes a whole 2 MiB
 /// page: that cost 7 % of the embed stage in a perf profile (`clear_page_erms`) and
-/// 50-100 MB of peak RSS at `-w 2` (README, "Speed"). Best effort: where the call is not
+/// 50-100 MB of peak RSS at `-w 2` (docs/benchmarks.md, "Speed"). Best effort: where the call is not
 /// supported nothing changes.
 pub fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
