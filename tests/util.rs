@@ -191,3 +191,21 @@ pub fn assert_same_statistics(a: &Path, b: &Path) {
     );
     assert_eq!(ka["counts"], kb["counts"], "KMeans counts differ");
 }
+
+/// A free loopback port (bound and released: good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child process when dropped, so a failed assertion leaves no server behind.
+pub struct Guard(pub std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

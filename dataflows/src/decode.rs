@@ -56,38 +56,9 @@ fn fail(kind: ErrorKind, reason: impl Into<String>) -> DecodeError {
 /// Decodes a JPEG into RGB pixels, rejecting anything that is not a 3-channel JPEG
 /// within the size limit.
 pub fn decode(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeError> {
-    if bytes.is_empty() {
-        return Err(fail(ErrorKind::Empty, "zero-byte file"));
-    }
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(ErrorKind::Read, e.to_string()))?;
-    match reader.format() {
-        Some(ImageFormat::Jpeg) => {}
-        Some(other) => {
-            return Err(fail(
-                ErrorKind::UnsupportedFormat,
-                format!("{other:?} image; only JPEG is accepted"),
-            ))
-        }
-        None => {
-            return Err(fail(
-                ErrorKind::NotAnImage,
-                "not an image (unrecognised file signature)",
-            ))
-        }
-    }
+    let reader = open_reader(bytes, &[ImageFormat::Jpeg], "only JPEG is accepted")?;
     check_jpeg_structure(bytes, config, Components::Rgb)?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(config.max_dimension);
-    limits.max_image_height = Some(config.max_dimension);
-    let mut reader = reader;
-    reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| classify(e, config))?;
-    let (w, h) = decoder.dimensions();
-    if w > config.max_dimension || h > config.max_dimension {
-        return Err(too_large(w, h, config));
-    }
+    let decoder = limited_decoder(reader, config)?;
     match decoder.original_color_type() {
         ExtendedColorType::Rgb8 => {}
         other => {
@@ -129,41 +100,16 @@ pub fn photo_type(bytes: &[u8]) -> Result<&'static str, String> {
 /// archive keeps the strict rules of [`decode`]: its images are training data, where a
 /// silently converted file would be a silent change of statistics.
 pub fn decode_photo(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, DecodeError> {
-    if bytes.is_empty() {
-        return Err(fail(ErrorKind::Empty, "zero-byte file"));
-    }
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(ErrorKind::Read, e.to_string()))?;
-    match reader.format() {
-        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => {}
-        Some(other) => {
-            return Err(fail(
-                ErrorKind::UnsupportedFormat,
-                format!("{other:?} image; JPEG, PNG and WebP are accepted"),
-            ))
-        }
-        None => {
-            return Err(fail(
-                ErrorKind::NotAnImage,
-                "not an image (unrecognised file signature)",
-            ))
-        }
-    }
+    let reader = open_reader(
+        bytes,
+        &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP],
+        "JPEG, PNG and WebP are accepted",
+    )?;
     if reader.format() == Some(ImageFormat::Jpeg) {
         // The JPEG decoder pads a truncated upload with gray: refuse it instead.
         check_jpeg_structure(bytes, config, Components::Any)?;
     }
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(config.max_dimension);
-    limits.max_image_height = Some(config.max_dimension);
-    let mut reader = reader;
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| classify(e, config))?;
-    let (w, h) = decoder.dimensions();
-    if w > config.max_dimension || h > config.max_dimension {
-        return Err(too_large(w, h, config));
-    }
+    let mut decoder = limited_decoder(reader, config)?;
     // A missing or unreadable orientation tag means "as stored".
     let orientation = decoder
         .orientation()
@@ -171,6 +117,49 @@ pub fn decode_photo(bytes: &[u8], config: &DecodeConfig) -> Result<RgbImage, Dec
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, config))?;
     image.apply_orientation(orientation);
     Ok(over_white(image))
+}
+
+/// A reader for `bytes` when their signature is one of `accepted` (`refusal` says what
+/// is, for any other image).
+fn open_reader<'a>(
+    bytes: &'a [u8],
+    accepted: &[ImageFormat],
+    refusal: &str,
+) -> Result<image::ImageReader<Cursor<&'a [u8]>>, DecodeError> {
+    if bytes.is_empty() {
+        return Err(fail(ErrorKind::Empty, "zero-byte file"));
+    }
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(ErrorKind::Read, e.to_string()))?;
+    match reader.format() {
+        Some(f) if accepted.contains(&f) => Ok(reader),
+        Some(other) => Err(fail(
+            ErrorKind::UnsupportedFormat,
+            format!("{other:?} image; {refusal}"),
+        )),
+        None => Err(fail(
+            ErrorKind::NotAnImage,
+            "not an image (unrecognised file signature)",
+        )),
+    }
+}
+
+/// The reader's decoder under the size limit, refused from the header when too large.
+fn limited_decoder<'a>(
+    mut reader: image::ImageReader<Cursor<&'a [u8]>>,
+    config: &DecodeConfig,
+) -> Result<impl ImageDecoder + 'a, DecodeError> {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(config.max_dimension);
+    limits.max_image_height = Some(config.max_dimension);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| classify(e, config))?;
+    let (w, h) = decoder.dimensions();
+    if w > config.max_dimension || h > config.max_dimension {
+        return Err(too_large(w, h, config));
+    }
+    Ok(decoder)
 }
 
 /// RGB pixels of any decoded image; transparent pixels are blended over white.

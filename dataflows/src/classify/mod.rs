@@ -270,21 +270,9 @@ impl Classifier {
             .iter()
             .map(|l| ((l - max) / t).exp())
             .collect();
-        let total: f64 = weights.iter().sum();
-        let mut order: Vec<usize> = (0..weights.len()).collect();
-        order.sort_by(|&a, &b| {
-            log_posterior[b]
-                .total_cmp(&log_posterior[a])
-                .then(a.cmp(&b))
-        });
-        order
-            .into_iter()
-            .take(self.config.top.max(1))
-            .map(|i| LabelScore {
-                label: self.labels[i].clone(),
-                score: weights[i] / total,
-            })
-            .collect()
+        // Highest log-posterior first: the order of −log-posterior ascending.
+        let cost: Vec<f64> = log_posterior.iter().map(|l| -l).collect();
+        self.top_labels(&cost, &weights)
     }
 
     /// Per label, the mean squared distance to its `neighbours` nearest stored points.
@@ -312,10 +300,15 @@ impl Classifier {
             .iter()
             .map(|d| (-(d - min) / self.tau).exp())
             .collect();
+        self.top_labels(distances, &weights)
+    }
+
+    /// The `top` labels of lowest `cost`, scored by their share of `weights`. Ties go to
+    /// the label that sorts first, so answers are reproducible.
+    fn top_labels(&self, cost: &[f64], weights: &[f64]) -> Vec<LabelScore> {
         let total: f64 = weights.iter().sum();
-        let mut order: Vec<usize> = (0..distances.len()).collect();
-        // Ties go to the label that sorts first, so answers are reproducible.
-        order.sort_by(|&a, &b| distances[a].total_cmp(&distances[b]).then(a.cmp(&b)));
+        let mut order: Vec<usize> = (0..cost.len()).collect();
+        order.sort_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(a.cmp(&b)));
         order
             .into_iter()
             .take(self.config.top.max(1))
