@@ -192,6 +192,7 @@ fn replay(
             "replay/models/",
             r.checkpoint.epoch,
             &r.models,
+            true,
         )?;
         println!(
             "wrote {}/replay/models/{{scaler,pca,kmeans}}.json",

@@ -35,7 +35,7 @@ pub struct PipelineConfig {
     pub decode: DecodeConfig,
     /// `[embed]`: the model.
     pub embed: EmbedConfig,
-    /// `[pca]`: components kept.
+    /// `[pca]`: components kept, and how often to refit.
     pub pca: PcaConfig,
     /// `[kmeans]`: clustering.
     pub kmeans: KMeansConfig,
@@ -57,6 +57,10 @@ impl PipelineConfig {
             "[pca] variance must be in (0, 1]"
         );
         anyhow::ensure!(self.pca.k != Some(0), "[pca] k must be positive");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.pca.refit_fraction),
+            "[pca] refit_fraction must be in [0, 1]"
+        );
         anyhow::ensure!(self.kmeans.k > 0, "[kmeans] k must be positive");
         anyhow::ensure!(
             self.kmeans.decay > 0.0 && self.kmeans.decay <= 1.0,

@@ -22,6 +22,12 @@ pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
             "input_size": checkpoint.embed.input_size,
             "engine": checkpoint.embed.backend,
         }),
+        // Which epoch each model is at: the moments, label counts and KMeans move every
+        // epoch; the PCA is refitted on [pca] refit_fraction (it covers pca.n images).
+        "models_epoch": json!({
+            "pca": models.pca.as_ref().map(|_| models.pca_epoch),
+            "kmeans": checkpoint.epoch,
+        }),
         "pca": models.pca.as_ref().map(|p| json!({
             "k": p.k,
             "n": p.n,
@@ -36,30 +42,22 @@ pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
     })
 }
 
-/// Writes `scaler.json`, `pca.json` and `kmeans.json` under `prefix` (nothing before
-/// the first PCA).
+/// Writes `kmeans.json` under `prefix` and, when `pca_changed`, `scaler.json` and
+/// `pca.json` (nothing before the first PCA). An unchanged PCA is not rewritten: at
+/// k = 295 its text is ~10 MB, most of a trickle epoch's cost.
 pub fn write_models(
     store: &dyn OutputStore,
     prefix: &str,
     epoch: crate::record::Epoch,
     models: &crate::stats::Models,
+    pca_changed: bool,
 ) -> Result<()> {
     let Some(pca) = &models.pca else {
         return Ok(());
     };
-    store.put(
-        &format!("{prefix}scaler.json"),
-        &serde_json::to_vec(&pca.scaler)?,
-    )?;
-    let doc = json!({
-        "epoch": epoch,
-        "n": pca.n,
-        "k": pca.k,
-        "explained_variance_ratio": pca.explained_variance_ratio,
-        "eigenvalues": pca.eigenvalues,
-        "components": pca.components,
-    });
-    store.put(&format!("{prefix}pca.json"), &serde_json::to_vec(&doc)?)?;
+    if pca_changed {
+        write_pca(store, prefix, epoch, models, pca)?;
+    }
     let kmeans = json!({
         "epoch": epoch,
         "k": models.kmeans.centroids.len(),
@@ -74,16 +72,41 @@ pub fn write_models(
     Ok(())
 }
 
-/// Writes `models/*.json`, `status.json` and, when `errors_changed`, `errors.csv` for
-/// a committed checkpoint whose error records are `errors`.
+fn write_pca(
+    store: &dyn OutputStore,
+    prefix: &str,
+    epoch: crate::record::Epoch,
+    models: &crate::stats::Models,
+    pca: &crate::stats::PcaModel,
+) -> Result<()> {
+    store.put(
+        &format!("{prefix}scaler.json"),
+        &serde_json::to_vec(&pca.scaler)?,
+    )?;
+    let doc = json!({
+        "epoch": epoch,
+        "fitted_epoch": models.pca_epoch,
+        "n": pca.n,
+        "k": pca.k,
+        "explained_variance_ratio": pca.explained_variance_ratio,
+        "eigenvalues": pca.eigenvalues,
+        "components": pca.components,
+    });
+    store.put(&format!("{prefix}pca.json"), &serde_json::to_vec(&doc)?)
+}
+
+/// Writes `models/*.json` (`scaler.json` and `pca.json` only when `pca_changed`),
+/// `status.json` and, when `errors_changed`, `errors.csv` for a committed checkpoint
+/// whose error records are `errors`.
 pub fn publish(
     store: &dyn OutputStore,
     checkpoint: &Checkpoint,
     errors: &std::collections::BTreeMap<crate::record::ImageKey, crate::record::ErrorRecord>,
     errors_changed: bool,
+    pca_changed: bool,
 ) -> Result<()> {
     let models = &checkpoint.models;
-    write_models(store, "models/", checkpoint.epoch, models)?;
+    write_models(store, "models/", checkpoint.epoch, models, pca_changed)?;
     if errors_changed {
         write_errors(store, errors.values())?;
     }

@@ -81,6 +81,7 @@ pub fn commit<'s>(
                             &checkpoint,
                             &errors,
                             !delta.errors.is_empty() || first,
+                            checkpoint.models.pca_epoch == t || first,
                         )
                         .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
                         checkpoint

@@ -163,7 +163,7 @@ fn start_fitter(
         let started = std::time::Instant::now();
         let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
         timed("models", || {
-            models.apply_epoch(&partial, points, &pca, &kmeans)
+            models.apply_epoch(t, &partial, points, &pca, &kmeans)
         });
         tracing::debug!(
             stage = "stats",

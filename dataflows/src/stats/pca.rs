@@ -17,6 +17,10 @@ pub struct PcaConfig {
     pub variance: f64,
     /// Keep exactly this many components instead (overrides `variance`).
     pub k: Option<usize>,
+    /// Refit once the images added or retracted since the last fit reach this fraction of
+    /// the live images (0 = every epoch with a change). At 0.01 a first ingest refits at
+    /// every epoch, and a trickle of one image per poll into 5,000 refits every ~50.
+    pub refit_fraction: f64,
 }
 
 impl Default for PcaConfig {
@@ -24,6 +28,7 @@ impl Default for PcaConfig {
         PcaConfig {
             variance: 0.95,
             k: None,
+            refit_fraction: 0.01,
         }
     }
 }
