@@ -32,7 +32,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Result;
-use fruits_dataflows::classify::discriminant::{Shrinkage, ShrinkageRule};
+use fruits_dataflows::classify::discriminant::{posterior, Shrinkage, ShrinkageRule};
 use fruits_dataflows::classify::{Classifier, ClassifyConfig, Method};
 use fruits_dataflows::embed::Embedder;
 use fruits_dataflows::record::ImageRow;
@@ -251,20 +251,6 @@ fn score_all(classifier: &Classifier, photos: &[&Photo]) -> Vec<Scored> {
 static SCORE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static SCORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Softmax probabilities at temperature `t`.
-fn probabilities(log_posterior: &[f64], t: f64) -> Vec<f64> {
-    let max = log_posterior
-        .iter()
-        .copied()
-        .fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = log_posterior
-        .iter()
-        .map(|l| ((l - max) / t).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
-    w.iter().map(|v| v / total).collect()
-}
-
 fn argmax(v: &[f64]) -> usize {
     (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
 }
@@ -276,7 +262,7 @@ fn errors_and_loss(scored: &[Scored], t: f64) -> (usize, f64) {
     for s in scored {
         let truth = s.truth.expect("a known label");
         errors += (argmax(&s.log_posterior) != truth) as usize;
-        loss -= probabilities(&s.log_posterior, t)[truth].max(1e-300).ln();
+        loss -= posterior(&s.log_posterior, t)[truth].max(1e-300).ln();
     }
     (errors, loss / scored.len().max(1) as f64)
 }
@@ -419,7 +405,7 @@ fn choose_on_training(
         .map(|&a| Shrinkage::Fixed(a))
         .collect();
     grid.push(Shrinkage::Rule(ShrinkageRule::Oas));
-    let mut best: Option<((usize, usize, f64), Shrinkage)> = None;
+    let mut best: Option<((usize, usize, f64), Shrinkage, Classifier)> = None;
     for shrinkage in grid {
         let t0 = Instant::now();
         let classifier = Classifier::new(
@@ -446,17 +432,10 @@ fn choose_on_training(
         );
         let key = (errors, perrors, ploss);
         if best.as_ref().is_none_or(|b| key < b.0) {
-            best = Some((key, shrinkage));
+            best = Some((key, shrinkage, classifier));
         }
     }
-    let shrinkage = best.expect("non-empty grid").1;
-    let classifier = Classifier::new(
-        &ckpt_a,
-        ClassifyConfig {
-            shrinkage,
-            ..Default::default()
-        },
-    )?;
+    let (_, shrinkage, classifier) = best.expect("non-empty grid");
     let perturbed = score_all(&classifier, &pval_a_refs);
     let temperature = best_temperature(&perturbed);
     // Accept ACCEPT of the clean validation photos. Perturbed photos are not used here:
@@ -627,7 +606,7 @@ fn reliability(name: &str, scored: &[Scored], t: f64) {
     let edges = [0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0 + 1e-12];
     let mut bins = vec![(0usize, 0.0f64, 0usize); edges.len() - 1];
     for s in scored {
-        let p = probabilities(&s.log_posterior, t);
+        let p = posterior(&s.log_posterior, t);
         let top = argmax(&p);
         let b = (0..bins.len())
             .find(|&b| p[top] >= edges[b] && p[top] < edges[b + 1])

@@ -16,11 +16,7 @@ pub fn run(args: &ClassifyArgs, s3: &S3Config, mut config: ClassifyConfig) -> Re
     }
     let store = sink::open(&args.out.output, s3)?;
     let (checkpoint, classifier) = classify::load(store.as_ref(), &config)?;
-    let mut embed = checkpoint.embed.clone();
-    // The model and preprocessing are the output's; the engine is this machine's
-    // (engines agree to 1e-4, and the recorded library path may not exist here).
-    embed.backend = fruits_dataflows::embed::Backend::Auto;
-    embed.onnxruntime_library = None;
+    let mut embed = checkpoint.embed.on_this_machine();
     if let Some(model) = &args.model {
         embed.model = model.clone();
     }

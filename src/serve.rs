@@ -283,11 +283,7 @@ fn load_live(
     let embedder = match embedder {
         Some(e) => e,
         None => {
-            let mut config = checkpoint.embed.clone();
-            // The model and preprocessing are the output's; the engine is this machine's
-            // (engines agree to 1e-4, and the recorded library path may not exist here).
-            config.backend = fruits_dataflows::embed::Backend::Auto;
-            config.onnxruntime_library = None;
+            let mut config = checkpoint.embed.on_this_machine();
             if let Some(model) = &options.model {
                 config.model = model.clone();
             }

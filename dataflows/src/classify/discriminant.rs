@@ -211,6 +211,20 @@ impl Discriminant {
     }
 }
 
+/// Probabilities from log-posteriors: their softmax after dividing by `temperature`.
+pub fn posterior(log_posterior: &[f64], temperature: f64) -> Vec<f64> {
+    let max = log_posterior
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = log_posterior
+        .iter()
+        .map(|l| ((l - max) / temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    weights.iter().map(|w| w / total).collect()
+}
+
 /// The OAS shrinkage weight of the covariance `scatter / n`, estimated with `n`
 /// degrees of freedom.
 fn oas(scatter: &Mat<f64>, n: f64) -> f64 {

@@ -153,14 +153,19 @@ impl Classifier {
         let raw_means: Vec<Vec<f64>> = live.iter().map(|(_, s)| s.mean(dim)).collect();
         let means = pca.project_many(&raw_means);
         let stats: Vec<&LabelStats> = live.iter().map(|(_, s)| *s).collect();
-        let tau =
-            within_label_spread(&checkpoint.models.moments, &stats, &pca).max(f64::MIN_POSITIVE);
-        let discriminant =
-            Discriminant::fit(&checkpoint.models.moments, &stats, &pca, config.shrinkage);
         anyhow::ensure!(
             config.temperature > 0.0,
             "[classify] temperature must be positive"
         );
+        let discriminant =
+            Discriminant::fit(&checkpoint.models.moments, &stats, &pca, config.shrinkage);
+        // τ scores the distance-based rankings only: `lda` needs it only as the fallback
+        // while its discriminant cannot be fitted (a d x d product, so not paid for nothing).
+        let tau = if config.method == Method::Lda && discriminant.is_some() {
+            1.0
+        } else {
+            within_label_spread(&checkpoint.models.moments, &stats, &pca).max(f64::MIN_POSITIVE)
+        };
         Ok(Classifier {
             discriminant,
             centroids: checkpoint.models.kmeans.projected_centroids(&pca),
@@ -240,11 +245,9 @@ impl Classifier {
                 d.typical_distance(s.distance.iter().copied().fold(f64::INFINITY, f64::min))
             });
         let known = distance.is_none_or(|d| d <= self.config.unknown_distance);
-        // The nearest centroid; ties go to the lower index, as in the KMeans stage.
-        let cluster = (0..self.centroids.len())
-            .map(|c| (dist2(&p, &self.centroids[c]), c))
-            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-            .map(|(_, c)| c);
+        // The nearest centroid, by the KMeans stage's own rule (ties to the lower index).
+        let cluster = (!self.centroids.is_empty())
+            .then(|| crate::stats::kmeans::nearest(&self.centroids, &p));
         Prediction {
             answer: if known {
                 labels[0].label.clone()
@@ -261,15 +264,7 @@ impl Classifier {
 
     /// Labels by posterior: softmax of the log-posteriors over the temperature.
     fn rank_posterior(&self, log_posterior: &[f64]) -> Vec<LabelScore> {
-        let t = self.config.temperature;
-        let max = log_posterior
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        let weights: Vec<f64> = log_posterior
-            .iter()
-            .map(|l| ((l - max) / t).exp())
-            .collect();
+        let weights = discriminant::posterior(log_posterior, self.config.temperature);
         // Highest log-posterior first: the order of −log-posterior ascending.
         let cost: Vec<f64> = log_posterior.iter().map(|l| -l).collect();
         self.top_labels(&cost, &weights)

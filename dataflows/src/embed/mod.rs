@@ -93,6 +93,17 @@ impl Default for EmbedConfig {
 }
 
 impl EmbedConfig {
+    /// These settings (an output's: model, input size, normalisation) with this
+    /// machine's engine, `auto`: engines agree to 1e-4, and the library path recorded
+    /// where the output was made may not exist here.
+    pub fn on_this_machine(&self) -> EmbedConfig {
+        EmbedConfig {
+            backend: Backend::Auto,
+            onnxruntime_library: None,
+            ..self.clone()
+        }
+    }
+
     /// The preprocessing this model expects.
     pub fn preprocess(&self) -> Preprocess {
         Preprocess {
@@ -240,12 +251,7 @@ impl Embedder {
             config.backend = auto_backend(&mut config);
         }
         let engine = match config.backend {
-            Backend::Tract | Backend::Auto => {
-                config.backend = Backend::Tract;
-                let (plan, size) = tract_plan(&config, outputs)?;
-                config.input_size = size;
-                Engine::Tract(plan.spawn()?)
-            }
+            Backend::Tract | Backend::Auto => tract_engine(&mut config, outputs)?,
             Backend::Onnxruntime => {
                 if let Some(size) = declared_size(&parse(&config.model)?)? {
                     config.input_size = size;
@@ -258,11 +264,8 @@ impl Embedder {
                         ONCE.call_once(|| {
                             tracing::warn!(stage = "embed", error = %format!("{e:#}"), "onnxruntime found but not usable: embedding with tract.")
                         });
-                        config.backend = Backend::Tract;
                         config.onnxruntime_library = None;
-                        let (plan, size) = tract_plan(&config, outputs)?;
-                        config.input_size = size;
-                        Engine::Tract(plan.spawn()?)
+                        tract_engine(&mut config, outputs)?
                     }
                     Err(e) => return Err(e),
                 }
@@ -389,6 +392,15 @@ impl Embedder {
 pub struct Preparer {
     decode: DecodeConfig,
     preprocess: Preprocess,
+}
+
+/// A tract engine for `config`, which then records tract and the input size the plan
+/// was built for.
+fn tract_engine(config: &mut EmbedConfig, outputs: &[&str]) -> Result<Engine> {
+    config.backend = Backend::Tract;
+    let (plan, size) = tract_plan(config, outputs)?;
+    config.input_size = size;
+    Ok(Engine::Tract(plan.spawn()?))
 }
 
 /// What `auto` resolves to: onnxruntime when the build has it and its library is found
