@@ -58,14 +58,15 @@ pub struct EmbedConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
-    /// onnxruntime when its library is found (and the build has the feature), else
-    /// tract.
-    #[default]
-    Auto,
     /// tract-onnx: pure Rust, always available.
     Tract,
     /// onnxruntime through the `ort` crate, loaded at run time.
     Onnxruntime,
+    /// onnxruntime when its library is found (and the build has the feature), else
+    /// tract. Last: checkpoints encode the variant's index, so the earlier ones keep
+    /// theirs.
+    #[default]
+    Auto,
 }
 
 /// A loaded inference engine; clones share the model, each tract clone has its own state.

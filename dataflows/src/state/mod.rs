@@ -24,7 +24,57 @@ use std::collections::BTreeMap;
 pub mod operator;
 
 /// 3: the ledger and errors moved to a base + delta log; per-label statistics.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
+
+/// Format 3: format 4 before the PCA refit policy (no `changes_since_fit`/`pca_epoch`
+/// in the models). Read and migrated, so an output keeps resuming across the upgrade.
+mod v3 {
+    use super::*;
+    use crate::stats::{KMeans, Moments, PcaModel};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Models {
+        pub moments: Moments,
+        pub pca: Option<PcaModel>,
+        pub kmeans: KMeans,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub format: u32,
+        pub epoch: Epoch,
+        pub source: String,
+        pub labels: BTreeMap<String, LabelStats>,
+        pub errors: usize,
+        pub errors_by_kind: BTreeMap<String, usize>,
+        pub models: Models,
+        pub log: Log,
+        pub embed: EmbedConfig,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        /// The PCA of a format-3 checkpoint was fitted at its epoch (every epoch refitted).
+        fn from(c: Checkpoint) -> Self {
+            super::Checkpoint {
+                format: FORMAT,
+                epoch: c.epoch,
+                source: c.source,
+                labels: c.labels,
+                errors: c.errors,
+                errors_by_kind: c.errors_by_kind,
+                models: super::Models {
+                    moments: c.models.moments,
+                    pca: c.models.pca,
+                    kmeans: c.models.kmeans,
+                    changes_since_fit: 0,
+                    pca_epoch: c.epoch,
+                },
+                log: c.log,
+                embed: c.embed,
+            }
+        }
+    }
+}
 const POINTER: &str = "state/CURRENT";
 
 /// A compaction is due once this many deltas wait, whatever their size (bounds the
@@ -192,12 +242,18 @@ impl Checkpoint {
         // instead of a decoding one.
         let format: u32 = bincode::deserialize(&bytes[..bytes.len().min(4)]).unwrap_or(0);
         anyhow::ensure!(
-            format == FORMAT,
-            "checkpoint {name} has format {format}, this build reads {FORMAT}; rebuild the \
-             output with `fruits-flow run` into a new --output"
+            format == FORMAT || format == 3,
+            "checkpoint {name} has format {format}, this build reads 3 and {FORMAT}; rebuild \
+             the output with `fruits-flow run` into a new --output"
         );
-        let checkpoint: Checkpoint =
-            bincode::deserialize(&bytes).with_context(|| format!("decoding checkpoint {name}"))?;
+        let decoding = || format!("decoding checkpoint {name}");
+        let checkpoint: Checkpoint = if format == 3 {
+            bincode::deserialize::<v3::Checkpoint>(&bytes)
+                .with_context(decoding)?
+                .into()
+        } else {
+            bincode::deserialize(&bytes).with_context(decoding)?
+        };
         Ok(Some(checkpoint))
     }
 
@@ -504,6 +560,45 @@ pub fn discard_uncommitted(store: &dyn OutputStore, checkpoint_epoch: Epoch) -> 
 
 #[cfg(test)]
 mod tests {
+    /// A format-3 checkpoint (before the refit policy) loads, migrated: same statistics,
+    /// its PCA dated at its epoch.
+    #[test]
+    fn format_3_checkpoints_load_migrated() {
+        use crate::sink::OutputStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::sink::LocalStore::open(dir.path().to_str().unwrap()).unwrap();
+        let mut now = super::Checkpoint::empty("src".into(), 2, Default::default());
+        now.epoch = 7;
+        now.models.moments.n = 3;
+        let old = super::v3::Checkpoint {
+            format: 3,
+            epoch: now.epoch,
+            source: now.source.clone(),
+            labels: now.labels.clone(),
+            errors: 0,
+            errors_by_kind: Default::default(),
+            models: super::v3::Models {
+                moments: now.models.moments.clone(),
+                pca: None,
+                kmeans: now.models.kmeans.clone(),
+            },
+            log: now.log.clone(),
+            embed: now.embed.clone(),
+        };
+        store
+            .put(
+                "state/checkpoint-000000000007.bin",
+                &bincode::serialize(&old).unwrap(),
+            )
+            .unwrap();
+        store
+            .put(super::POINTER, b"state/checkpoint-000000000007.bin")
+            .unwrap();
+        let loaded = super::Checkpoint::load(&store).unwrap().unwrap();
+        now.models.pca_epoch = 7;
+        assert_eq!(loaded, now);
+    }
+
     use super::*;
     use crate::sink::LocalStore;
 
