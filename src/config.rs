@@ -46,9 +46,14 @@ pub fn load(path: &Path) -> Result<FileConfig> {
     Ok(config)
 }
 
+/// Worker threads per process: `-w`, else `[cluster] workers`, else 1.
+pub fn workers(args: &ClusterArgs, file: &FileConfig) -> usize {
+    args.workers.or(file.cluster.workers).unwrap_or(1).max(1)
+}
+
 /// Builds timely's configuration from the flags, the hostfile or cluster.toml.
 pub fn timely_config(args: &ClusterArgs, file: &FileConfig) -> Result<timely::Config> {
-    let workers = args.workers.or(file.cluster.workers).unwrap_or(1).max(1);
+    let workers = workers(args, file);
     anyhow::ensure!(
         args.process < args.processes,
         "-p {} must be below -n {}",

@@ -264,6 +264,7 @@ fn run(args: RunArgs) -> Result<()> {
         stop,
         pipeline,
         single_process: args.cluster.processes == 1,
+        workers: config::workers(&args.cluster, &file),
         liveness,
     };
     if let Some(listen) = args.serve.filter(|_| args.cluster.process == 0) {

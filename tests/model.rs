@@ -193,3 +193,43 @@ fn onnxruntime_library() -> std::path::PathBuf {
     );
     String::from_utf8(out.stdout).unwrap().trim().into()
 }
+
+/// Batching is speed only: onnxruntime's embeddings of images run 8 (and a ragged 3) at
+/// a time, on 2 threads, are bit-identical to one-image runs on 1 thread, so the
+/// statistics cannot depend on how the embed stage groups images or sizes its threads
+/// (which both follow the worker count).
+#[cfg(feature = "onnxruntime")]
+#[test]
+fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
+    use fruits_dataflows::embed::{Backend, InferenceConfig};
+    let config = EmbedConfig {
+        model: model(),
+        backend: Backend::Onnxruntime,
+        onnxruntime_library: Some(onnxruntime_library()),
+        ..EmbedConfig::default()
+    };
+    let decode = DecodeConfig::default();
+    let mut one = Embedder::load(&config, &decode).unwrap();
+    let batched = InferenceConfig {
+        batch: 8,
+        threads: 2,
+    };
+    let mut many = Embedder::load_for_stage(&config, &decode, &batched, 1).unwrap();
+    assert_eq!(many.batch(), 8);
+    let preparer = one.preparer();
+    let mut pixels = Vec::new();
+    for label in std::fs::read_dir(fixtures()).unwrap() {
+        for f in images(&label.unwrap().path(), 6) {
+            pixels.push(preparer.prepare(&std::fs::read(&f).unwrap()).unwrap());
+        }
+    }
+    // A count that is not a multiple of the batch: the last run is short.
+    pixels.truncate(8 * (pixels.len() / 8) - 5);
+    assert!(pixels.len() > 8, "{} fixture images", pixels.len());
+    let refs: Vec<&[u8]> = pixels.iter().map(|p| p.as_slice()).collect();
+    let together = many.embed_batch(&refs);
+    assert_eq!(together.len(), refs.len());
+    for (p, e) in refs.iter().zip(together) {
+        assert_eq!(e.unwrap(), one.embed_pixels(p).unwrap());
+    }
+}

@@ -1,5 +1,6 @@
 //! The pipeline's typed configuration: one section per stage, named after the stage.
-//! Parsed from the `[source] [decode] [embed] [pca] [kmeans]` tables of cluster.toml.
+//! Parsed from the `[source] [decode] [embed] [inference] [pca] [kmeans]` tables of
+//! cluster.toml.
 
 use crate::decode::DecodeConfig;
 use crate::embed::EmbedConfig;
@@ -35,6 +36,8 @@ pub struct PipelineConfig {
     pub decode: DecodeConfig,
     /// `[embed]`: the model.
     pub embed: EmbedConfig,
+    /// `[inference]`: how the model runs (batch, threads); speed only.
+    pub inference: crate::embed::InferenceConfig,
     /// `[pca]`: components kept, and how often to refit.
     pub pca: PcaConfig,
     /// `[kmeans]`: clustering.
@@ -65,6 +68,10 @@ impl PipelineConfig {
         anyhow::ensure!(
             self.kmeans.decay > 0.0 && self.kmeans.decay <= 1.0,
             "[kmeans] decay must be in (0, 1]"
+        );
+        anyhow::ensure!(
+            self.inference.batch > 0,
+            "[inference] batch must be positive"
         );
         anyhow::ensure!(
             self.embed.input_size > 0,

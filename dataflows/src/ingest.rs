@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub pipeline: PipelineConfig,
     /// True when the cluster is this one process (progress can count live).
     pub single_process: bool,
+    /// Worker threads in this process (they share its cores).
+    pub workers: usize,
     /// The liveness watch over the other processes (multi-process runs).
     pub liveness: Option<Arc<crate::liveness::Watch>>,
 }
@@ -82,7 +84,12 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let config = &options.pipeline;
     let source: Arc<dyn Source> = Arc::from(crate::source::open(&options.source, &config.s3)?);
     let store: Arc<dyn OutputStore> = Arc::from(crate::sink::open(&options.output, &config.s3)?);
-    let mut embedder = Embedder::load(&config.embed, &config.decode)?;
+    let mut embedder = Embedder::load_for_stage(
+        &config.embed,
+        &config.decode,
+        &config.inference,
+        options.workers,
+    )?;
     let dim = embedder.dim()?;
     if index == 0 {
         tracing::info!(
@@ -90,6 +97,8 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             engine = ?embedder.backend(),
             model = %embedder.config().model.display(),
             input_size = embedder.preprocess().size,
+            batch = embedder.batch(),
+            threads = config.inference.threads_per_worker(options.workers),
             "Model loaded."
         );
     }

@@ -1,6 +1,8 @@
-//! The embed stage: decoded pixels → a CNN embedding, through tract. One optimised
-//! batch-1 plan per worker, loaded once (a symbolic batch runs ~6x slower in tract and
-//! batch 8 is slower per image than batch 1, measured here).
+//! The embed stage: decoded pixels → a CNN embedding, through onnxruntime (when its
+//! library is found) or tract. tract runs one optimised batch-1 plan per worker, loaded
+//! once (a symbolic batch runs ~6x slower in tract and batch 8 is slower per image than
+//! batch 1, measured here); onnxruntime runs batches of `[inference] batch` images with
+//! the intra-op threads the process's cores leave each worker.
 
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
@@ -115,6 +117,43 @@ impl EmbedConfig {
     }
 }
 
+/// How the engine runs (`[inference]` in the config). These settings change speed, never
+/// the embeddings (a batch's rows are bit-identical to one-image runs, tested), so
+/// checkpoints do not record them and they may differ between runs of one output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Images per model run (onnxruntime; tract runs one at a time, its fastest).
+    pub batch: usize,
+    /// Intra-op threads per worker (onnxruntime); 0: the process's cores divided among
+    /// its workers, at least 1, so the workers do not oversubscribe the cores.
+    pub threads: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            batch: DEFAULT_BATCH,
+            threads: 0,
+        }
+    }
+}
+
+/// Images per onnxruntime run by default: the best of 1/4/8/16 in the bench's batch
+/// table (docs/benchmarks.md, "Speed").
+pub const DEFAULT_BATCH: usize = 8;
+
+impl InferenceConfig {
+    /// The intra-op threads each of `workers` workers of this process gets.
+    pub fn threads_per_worker(&self, workers: usize) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / workers.max(1)).max(1)
+    }
+}
+
 /// A loaded, optimised model that maps images to embeddings (and optionally to further
 /// outputs, e.g. ImageNet logits for checks). Cloning is cheap (the plan is shared);
 /// each clone keeps its own run state and input buffer, reused from image to image.
@@ -125,6 +164,8 @@ pub struct Embedder {
     preprocess: Preprocess,
     decode: DecodeConfig,
     tensor: Vec<f32>,
+    /// Images per run in [`Embedder::embed_batch`].
+    batch: usize,
 }
 
 /// Why an image produced no embedding.
@@ -234,11 +275,38 @@ impl Embedder {
         Self::load_outputs(config, decode, &[config.output.as_str()])
     }
 
-    /// Loads the model keeping the named outputs, in order.
+    /// Loads the model keeping the named outputs, in order (one thread, batch 1).
     pub fn load_outputs(
         config: &EmbedConfig,
         decode: &DecodeConfig,
         outputs: &[&str],
+    ) -> Result<Self> {
+        Self::load_engine(config, decode, outputs, 1, 1)
+    }
+
+    /// Loads the model for one of `workers` embed-stage workers of this process, run as
+    /// `inference` says.
+    pub fn load_for_stage(
+        config: &EmbedConfig,
+        decode: &DecodeConfig,
+        inference: &InferenceConfig,
+        workers: usize,
+    ) -> Result<Self> {
+        Self::load_engine(
+            config,
+            decode,
+            &[config.output.as_str()],
+            inference.threads_per_worker(workers),
+            inference.batch.max(1),
+        )
+    }
+
+    fn load_engine(
+        config: &EmbedConfig,
+        decode: &DecodeConfig,
+        outputs: &[&str],
+        threads: usize,
+        batch: usize,
     ) -> Result<Self> {
         if !config.model.exists() {
             anyhow::bail!(
@@ -257,7 +325,7 @@ impl Embedder {
                 if let Some(size) = declared_size(&parse(&config.model)?)? {
                     config.input_size = size;
                 }
-                match Self::onnxruntime_engine(&config, outputs) {
+                match Self::onnxruntime_engine(&config, outputs, threads) {
                     Ok(engine) => engine,
                     // `auto` found a library that does not load: tract, said once.
                     Err(e) if auto => {
@@ -278,6 +346,7 @@ impl Embedder {
             config,
             decode: decode.clone(),
             tensor: Vec::new(),
+            batch,
         })
     }
 
@@ -288,7 +357,11 @@ impl Embedder {
     }
 
     #[cfg(feature = "onnxruntime")]
-    fn onnxruntime_engine(config: &EmbedConfig, outputs: &[&str]) -> Result<Engine> {
+    fn onnxruntime_engine(
+        config: &EmbedConfig,
+        outputs: &[&str],
+        threads: usize,
+    ) -> Result<Engine> {
         let library = config
             .onnxruntime_library
             .clone()
@@ -299,15 +372,25 @@ impl Embedder {
             &library,
             config.input_size as usize,
             outputs,
+            threads,
         )?))
     }
 
     #[cfg(not(feature = "onnxruntime"))]
-    fn onnxruntime_engine(_: &EmbedConfig, _: &[&str]) -> Result<Engine> {
+    fn onnxruntime_engine(_: &EmbedConfig, _: &[&str], _: usize) -> Result<Engine> {
         anyhow::bail!(
             "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
              cargo build --release --features onnxruntime"
         )
+    }
+
+    /// Images per model run in [`Embedder::embed_batch`] (1 on tract).
+    pub fn batch(&self) -> usize {
+        if self.runs_batches() {
+            self.batch
+        } else {
+            1
+        }
     }
 
     /// The engine running the model (never `auto`).
@@ -385,6 +468,61 @@ impl Embedder {
         let outputs = result.map_err(|e| model_err(format!("model failed: {e:#}")))?;
         Embedding::quantize(&outputs[0]).map_err(model_err)
     }
+
+    /// Embeds several images' pixels, `[inference] batch` per model run on onnxruntime
+    /// (one at a time on tract); one result per image, in order. When a batch fails,
+    /// its images are run one by one so the failure is recorded against the right one.
+    pub fn embed_batch(&mut self, pixels: &[&[u8]]) -> Vec<Result<Embedding, EmbedError>> {
+        if !self.runs_batches() {
+            return pixels.iter().map(|p| self.embed_pixels(p)).collect();
+        }
+        let mut out = Vec::with_capacity(pixels.len());
+        for batch in pixels.chunks(self.batch) {
+            match self.run_batch(batch) {
+                Ok(rows) => out.extend(rows),
+                Err(_) => out.extend(batch.iter().map(|p| self.embed_pixels(p))),
+            }
+        }
+        out
+    }
+
+    /// True when images go through the model several at a time.
+    fn runs_batches(&self) -> bool {
+        match self.engine {
+            #[cfg(feature = "onnxruntime")]
+            Engine::Onnxruntime(_) => self.batch > 1,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// One model run over `pixels`: the quantized first output of each image.
+    fn run_batch(&mut self, pixels: &[&[u8]]) -> Result<Vec<Result<Embedding, EmbedError>>> {
+        let mut tensor = std::mem::take(&mut self.tensor);
+        let mut one = Vec::new();
+        tensor.clear();
+        for p in pixels {
+            self.preprocess.normalize_into(p, &mut one);
+            tensor.extend_from_slice(&one);
+        }
+        let result = timed("embed", || self.run_tensor(&tensor));
+        self.tensor = tensor;
+        let first = result?.swap_remove(0);
+        anyhow::ensure!(
+            first.len() % pixels.len() == 0,
+            "the model's output does not split over the batch"
+        );
+        let d = first.len() / pixels.len();
+        Ok(first
+            .chunks_exact(d)
+            .map(|row| {
+                Embedding::quantize(row).map_err(|reason| EmbedError {
+                    kind: ErrorKind::Model,
+                    reason,
+                })
+            })
+            .collect())
+    }
 }
 
 /// The decode half of the embed stage: validated JPEG bytes → pixels at the model's
@@ -441,10 +579,13 @@ pub fn find_onnxruntime() -> Option<PathBuf> {
             }
             let mut dirs: Vec<PathBuf> = Vec::new();
             // The wheel's directory, as its own Python sees it (no output if absent).
+            // find_spec locates the package without importing it: importing onnxruntime
+            // took 0.4-1 s of every run's, classify's and serve's start.
             if let Ok(out) = std::process::Command::new("python3")
                 .args([
                     "-c",
-                    "import os, onnxruntime; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))",
+                    "import importlib.util as u, os; s = u.find_spec('onnxruntime'); \
+                     print(os.path.join(s.submodule_search_locations[0], 'capi') if s else '')",
                 ])
                 .stderr(std::process::Stdio::null())
                 .output()
@@ -454,7 +595,12 @@ pub fn find_onnxruntime() -> Option<PathBuf> {
                     dirs.push(PathBuf::from(dir));
                 }
             }
-            for dir in ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
+            for dir in [
+                "/usr/local/lib",
+                "/usr/lib/x86_64-linux-gnu",
+                "/usr/lib/aarch64-linux-gnu",
+                "/usr/lib",
+            ] {
                 dirs.push(PathBuf::from(dir));
             }
             dirs.iter().find_map(|dir| library_in(dir))

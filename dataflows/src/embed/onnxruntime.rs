@@ -1,7 +1,9 @@
 //! The optional onnxruntime backend (cargo feature `onnxruntime`, `[embed] backend =
 //! "onnxruntime"`), through the `ort` crate with `libonnxruntime.so` loaded at run time:
 //! `[embed] onnxruntime_library` or `ORT_DYLIB_PATH` (the PyPI `onnxruntime` wheel ships
-//! one under `onnxruntime/capi/`). One single-threaded session per worker, as tract.
+//! one under `onnxruntime/capi/`). One session per worker, with the intra-op threads
+//! the `[inference]` settings give it (by default the process's cores shared among its
+//! workers), running batches of images.
 
 use anyhow::{Context, Result};
 use ort::session::builder::GraphOptimizationLevel;
@@ -30,21 +32,28 @@ pub struct OrtEngine {
     session: Arc<Mutex<Session>>,
     input: String,
     outputs: Vec<String>,
-    shape: [usize; 4],
+    size: usize,
 }
 
 impl OrtEngine {
-    /// Loads `model` with one intra-op thread and the named outputs.
-    pub fn load(model: &Path, library: &Path, size: usize, outputs: &[&str]) -> Result<Self> {
+    /// Loads `model` with `threads` intra-op threads and the named outputs.
+    pub fn load(
+        model: &Path,
+        library: &Path,
+        size: usize,
+        outputs: &[&str],
+        threads: usize,
+    ) -> Result<Self> {
         let env = environment(library)?;
         let session = Session::builder(&env)
             .and_then(|b| {
                 b.with_optimization_level(GraphOptimizationLevel::All)
                     .map_err(Into::into)
             })
-            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(Into::into))
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
-            // Workers already use every core: spinning threads would only steal them.
+            // The threads are sized to the cores left to each worker: spinning between
+            // runs would only steal them from the other stages.
             .and_then(|b| b.with_intra_op_spinning(false).map_err(Into::into))
             .and_then(|mut b| b.commit_from_file(model))
             .with_context(|| format!("onnxruntime: loading {}", model.display()))?;
@@ -65,13 +74,23 @@ impl OrtEngine {
             session: Arc::new(Mutex::new(session)),
             input,
             outputs: outputs.iter().map(|s| s.to_string()).collect(),
-            shape: [1, 3, size, size],
+            size,
         })
     }
 
-    /// Runs one NCHW tensor; returns the loaded outputs, flattened.
+    /// Runs a batch of NCHW tensors laid end to end (the model's batch axis is
+    /// symbolic); returns the loaded outputs, each flattened over the batch.
     pub fn run(&self, tensor: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let input = Tensor::from_array((self.shape, tensor.to_vec().into_boxed_slice()))?;
+        let image = 3 * self.size * self.size;
+        anyhow::ensure!(
+            !tensor.is_empty() && tensor.len() % image == 0,
+            "input of {} values is not a batch of 3x{}x{} images",
+            tensor.len(),
+            self.size,
+            self.size
+        );
+        let shape = [tensor.len() / image, 3, self.size, self.size];
+        let input = Tensor::from_array((shape, tensor.to_vec().into_boxed_slice()))?;
         let mut session = self.session.lock().expect("onnxruntime session lock");
         let outputs = session.run(ort::inputs![self.input.as_str() => input])?;
         self.outputs

@@ -6,7 +6,7 @@
 use super::Embedder;
 use crate::background::Background;
 use crate::metrics::{metrics, timed};
-use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow};
+use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, Label};
 use crate::sink::OutputStore;
 use crate::source::{Shard, Source};
 use crate::state::Location;
@@ -242,7 +242,9 @@ impl Rows {
 }
 
 /// Embeds a prepared chunk, emitting each change's outcomes: first the rows its
-/// changes retract (whatever the change, the previous version leaves), then the new ones.
+/// changes retract (whatever the change, the previous version leaves), then the new ones,
+/// in change order. The chunk's decoded images go through the model together, in
+/// batches ([`Embedder::embed_batch`]).
 fn embed_prepared(
     mut prepared: Prepared,
     epoch: Epoch,
@@ -254,43 +256,54 @@ fn embed_prepared(
         metrics().images_retracted.inc();
         give(Outcome::Row((old, epoch, -1)));
     }
-    for change in &prepared.changes {
-        if let ChangeKind::Upsert { .. } = change.kind {
-            match embed_one(&change.key, prepared.pixels.remove(&change.key), embedder) {
-                Ok(row) => {
-                    metrics().images_ingested.inc();
-                    rows.added(&row, epoch);
-                    give(Outcome::Row((row, epoch, 1)));
-                }
-                Err((kind, reason)) => {
-                    metrics().error(kind.as_str());
-                    tracing::warn!(stage = "embed", key = %change.key, kind = kind.as_str(), %reason, "Image rejected.");
-                    let key = change.key.clone();
-                    give(Outcome::Error(ErrorRecord {
-                        key,
-                        kind,
-                        reason,
-                        epoch,
-                    }));
-                }
+    // Each upsert's label and pixels, or why it has none.
+    let inputs: Vec<(&ImageKey, Result<(Label, Vec<u8>), (ErrorKind, String)>)> = prepared
+        .changes
+        .iter()
+        .filter(|c| matches!(c.kind, ChangeKind::Upsert { .. }))
+        .map(|c| (&c.key, inputs_of(&c.key, prepared.pixels.remove(&c.key))))
+        .collect();
+    let pixels: Vec<&[u8]> = inputs
+        .iter()
+        .filter_map(|(_, input)| input.as_ref().ok().map(|(_, p)| p.as_slice()))
+        .collect();
+    let mut embedded = embedder.embed_batch(&pixels).into_iter();
+    for (key, input) in inputs {
+        let outcome = input.and_then(|(label, _)| {
+            let embedding = embedded.next().expect("one embedding per image");
+            let embedding = embedding.map_err(|e| (e.kind, e.reason))?;
+            Ok(ImageRow {
+                key: key.clone(),
+                label,
+                embedding,
+            })
+        });
+        match outcome {
+            Ok(row) => {
+                metrics().images_ingested.inc();
+                rows.added(&row, epoch);
+                give(Outcome::Row((row, epoch, 1)));
+            }
+            Err((kind, reason)) => {
+                metrics().error(kind.as_str());
+                tracing::warn!(stage = "embed", key = %key, kind = kind.as_str(), %reason, "Image rejected.");
+                give(Outcome::Error(ErrorRecord {
+                    key: key.clone(),
+                    kind,
+                    reason,
+                    epoch,
+                }));
             }
         }
     }
 }
 
-fn embed_one(
+/// An upsert's label (from its folder) and decoded pixels, or why it has none.
+fn inputs_of(
     key: &ImageKey,
     pixels: Option<Result<Vec<u8>, (ErrorKind, String)>>,
-    embedder: &mut Embedder,
-) -> Result<ImageRow, (ErrorKind, String)> {
+) -> Result<(Label, Vec<u8>), (ErrorKind, String)> {
     let label = key.label().map_err(|reason| (ErrorKind::Layout, reason))?;
     let pixels = pixels.unwrap_or_else(|| Err((ErrorKind::Read, "not fetched".into())))?;
-    let embedding = embedder
-        .embed_pixels(&pixels)
-        .map_err(|e| (e.kind, e.reason))?;
-    Ok(ImageRow {
-        key: key.clone(),
-        label,
-        embedding,
-    })
+    Ok((label, pixels))
 }
