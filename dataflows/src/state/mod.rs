@@ -1,11 +1,17 @@
 //! Durable state, written in proportion to what changed.
 //!
 //! Each committed epoch writes:
-//! - `state/delta-<t>.bin`: the epoch's ledger and error changes and its summary
-//!   (O(news));
-//! - `state/checkpoint-<t>.bin`: the fixed-size part, the same size whatever the archive
-//!   (moments, models, per-label statistics, and the names of the files below);
+//! - `state/delta-<t>.bin`: the epoch's ledger, error and per-label changes, its summary
+//!   and, while they are few, the rows its moments changed by (O(news));
+//! - `state/stats-<t>.bin`, only when due: the exact moments and per-label statistics
+//!   (fixed size, ~7 MB at d = 1280), rewritten once the rows in the deltas since the
+//!   last one outweigh it, after an epoch with many rows, and at each compaction;
+//! - `state/pca-<t>.bin`, only when the PCA is refitted;
+//! - `state/checkpoint-<t>.bin`: the small rest (KMeans, counts, the names of the files);
 //! - then `state/CURRENT`, naming the checkpoint: the commit point.
+//!
+//! A trickle epoch therefore writes a few hundred KB, not the whole fixed-size state.
+//! Resume reads the last stats file and folds in the rows of the deltas after it.
 //!
 //! Now and then (when the deltas outweigh the base, or there are [`MAX_DELTAS`] of them)
 //! the commit compacts: it folds base + deltas into a new `state/base-<t>.bin` and the
@@ -14,23 +20,79 @@
 //! names intact, so uncommitted epochs are simply listed and processed again.
 
 use crate::embed::EmbedConfig;
-use crate::record::{Epoch, ErrorRecord, ImageKey};
+use crate::record::{Embedding, Epoch, ErrorRecord, ImageKey};
 use crate::sink::OutputStore;
-use crate::stats::{LabelStats, Models};
+use crate::stats::{KMeans, LabelStats, Models, Moments, MomentsAccumulator, PcaModel};
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub mod operator;
 
-/// 3: the ledger and errors moved to a base + delta log; per-label statistics.
-const FORMAT: u32 = 4;
+/// 5: moments, per-label statistics and the PCA in files of their own, written when due;
+/// moment rows and per-label changes in the deltas.
+const FORMAT: u32 = 5;
+
+/// Format 4: the whole fixed-size state in one checkpoint file, rewritten every epoch,
+/// and deltas without statistics. Read and migrated, so an output keeps resuming across
+/// the upgrade (its first new commit writes the statistics files).
+mod v4 {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub format: u32,
+        pub epoch: Epoch,
+        pub source: String,
+        pub labels: BTreeMap<String, LabelStats>,
+        pub errors: usize,
+        pub errors_by_kind: BTreeMap<String, usize>,
+        pub models: Models,
+        pub log: Log,
+        pub embed: EmbedConfig,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            super::Checkpoint {
+                format: FORMAT,
+                epoch: c.epoch,
+                source: c.source,
+                labels: c.labels,
+                errors: c.errors,
+                errors_by_kind: c.errors_by_kind,
+                models: c.models,
+                log: c.log,
+                embed: c.embed,
+                stats: StatsLog::default(),
+            }
+        }
+    }
+
+    /// A format-4 delta.
+    #[derive(Serialize, Deserialize)]
+    pub struct Delta {
+        pub ledger: BTreeMap<ImageKey, Option<LedgerEntry>>,
+        pub errors: BTreeMap<ImageKey, Option<ErrorRecord>>,
+        pub summary: Option<EpochSummary>,
+    }
+
+    impl From<Delta> for super::Delta {
+        fn from(d: Delta) -> Self {
+            super::Delta {
+                ledger: d.ledger,
+                errors: d.errors,
+                summary: d.summary,
+                ..Default::default()
+            }
+        }
+    }
+}
 
 /// Format 3: format 4 before the PCA refit policy (no `changes_since_fit`/`pca_epoch`
-/// in the models). Read and migrated, so an output keeps resuming across the upgrade.
+/// in the models). Read and migrated.
 mod v3 {
     use super::*;
-    use crate::stats::{KMeans, Moments, PcaModel};
 
     #[derive(Serialize, Deserialize)]
     pub struct Models {
@@ -52,11 +114,11 @@ mod v3 {
         pub embed: EmbedConfig,
     }
 
-    impl From<Checkpoint> for super::Checkpoint {
+    impl From<Checkpoint> for super::v4::Checkpoint {
         /// The PCA of a format-3 checkpoint was fitted at its epoch (every epoch refitted).
         fn from(c: Checkpoint) -> Self {
-            super::Checkpoint {
-                format: FORMAT,
+            super::v4::Checkpoint {
+                format: 4,
                 epoch: c.epoch,
                 source: c.source,
                 labels: c.labels,
@@ -75,6 +137,48 @@ mod v3 {
         }
     }
 }
+
+/// A format-5 checkpoint file: everything but the statistics kept in their own files.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    format: u32,
+    epoch: Epoch,
+    source: String,
+    errors: usize,
+    errors_by_kind: BTreeMap<String, usize>,
+    kmeans: KMeans,
+    changes_since_fit: u64,
+    pca_epoch: Epoch,
+    log: Log,
+    stats: StatsLog,
+    embed: EmbedConfig,
+}
+
+/// `state/stats-<t>.bin`: the exact statistics at epoch t.
+#[derive(Serialize, Deserialize)]
+struct StatsBase {
+    moments: Moments,
+    labels: BTreeMap<String, LabelStats>,
+}
+
+/// Where the statistics kept beside the checkpoint are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsLog {
+    /// Epoch of the last stats file (0: none yet); the deltas after it carry the rows
+    /// and per-label changes since.
+    pub base: Epoch,
+    /// Its size in bytes.
+    pub base_bytes: u64,
+    /// Bytes of moment rows in the deltas after it.
+    pub row_bytes: u64,
+    /// Epoch of the PCA file (0: none).
+    pub pca: Epoch,
+}
+
+/// The most moment rows an epoch's delta carries; an epoch with more (a first ingest)
+/// writes the stats file instead (its rows are then already ~1 MB per 200).
+pub const DELTA_ROWS: usize = 256;
+
 const POINTER: &str = "state/CURRENT";
 
 /// A compaction is due once this many deltas wait, whatever their size (bounds the
@@ -122,7 +226,8 @@ pub struct EpochSummary {
     pub errors: usize,
 }
 
-/// One epoch's changes to the ledger and the error records (`None`: removed).
+/// One epoch's changes to the ledger, the error records and the per-label statistics
+/// (`None`: removed), and the rows its moments changed by.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     /// Ledger changes, by key.
@@ -131,6 +236,11 @@ pub struct Delta {
     pub errors: BTreeMap<ImageKey, Option<ErrorRecord>>,
     /// The epoch's summary.
     pub summary: Option<EpochSummary>,
+    /// Per-label statistics changed in the epoch, by label.
+    pub labels: BTreeMap<String, Option<LabelStats>>,
+    /// The rows (and diffs) the epoch added to or retracted from the moments, when the
+    /// epoch wrote no stats file (see [`StatsLog`]).
+    pub rows: Vec<(Embedding, i64)>,
 }
 
 /// The per-image durable state: every object handed to the dataflow, and the current
@@ -180,6 +290,8 @@ pub struct Checkpoint {
     /// The model and preprocessing that produced the stored embeddings: classify must
     /// embed a new photo the same way.
     pub embed: EmbedConfig,
+    /// Where the moments, per-label statistics and PCA are stored.
+    pub stats: StatsLog,
 }
 
 fn checkpoint_file(epoch: Epoch) -> String {
@@ -193,6 +305,25 @@ fn delta_file(epoch: Epoch) -> String {
 }
 fn history_file(epoch: Epoch) -> String {
     format!("state/history-{epoch:012}.bin")
+}
+fn stats_file(epoch: Epoch) -> String {
+    format!("state/stats-{epoch:012}.bin")
+}
+fn pca_file(epoch: Epoch) -> String {
+    format!("state/pca-{epoch:012}.bin")
+}
+
+/// Reads one epoch's delta, in the current layout or format 4's.
+fn read_delta(store: &dyn OutputStore, epoch: Epoch) -> Result<Delta> {
+    let name = delta_file(epoch);
+    let bytes = store
+        .get(&name)?
+        .with_context(|| format!("{} names {name}, which is missing", store.location()))?;
+    // An older, shorter layout fails to decode as the current one (bincode runs out of
+    // bytes); the current one is tried first.
+    bincode::deserialize::<Delta>(&bytes)
+        .or_else(|_| bincode::deserialize::<v4::Delta>(&bytes).map(Delta::from))
+        .with_context(|| format!("decoding {name}"))
 }
 
 fn read<T: DeserializeOwned>(store: &dyn OutputStore, name: &str) -> Result<T> {
@@ -215,6 +346,7 @@ impl Checkpoint {
             models: Models::new(dim),
             log: Log::default(),
             embed,
+            stats: StatsLog::default(),
         }
     }
 
@@ -241,20 +373,90 @@ impl Checkpoint {
         // The format comes first in every version, so an old output gets a clear error
         // instead of a decoding one.
         let format: u32 = bincode::deserialize(&bytes[..bytes.len().min(4)]).unwrap_or(0);
-        anyhow::ensure!(
-            format == FORMAT || format == 3,
-            "checkpoint {name} has format {format}, this build reads 3 and {FORMAT}; rebuild \
-             the output with `fruits-flow run` into a new --output"
-        );
         let decoding = || format!("decoding checkpoint {name}");
-        let checkpoint: Checkpoint = if format == 3 {
-            bincode::deserialize::<v3::Checkpoint>(&bytes)
+        let checkpoint: Checkpoint = match format {
+            3 => v4::Checkpoint::from(
+                bincode::deserialize::<v3::Checkpoint>(&bytes).with_context(decoding)?,
+            )
+            .into(),
+            4 => bincode::deserialize::<v4::Checkpoint>(&bytes)
                 .with_context(decoding)?
-                .into()
-        } else {
-            bincode::deserialize(&bytes).with_context(decoding)?
+                .into(),
+            FORMAT => {
+                let stored: Stored = bincode::deserialize(&bytes).with_context(decoding)?;
+                Checkpoint::assemble(store, stored)?
+            }
+            _ => anyhow::bail!(
+                "checkpoint {name} has format {format}, this build reads 3 to {FORMAT}; rebuild \
+                 the output with `fruits-flow run` into a new --output"
+            ),
         };
         Ok(Some(checkpoint))
+    }
+
+    /// A format-5 checkpoint with its statistics: the stats file, the rows and label
+    /// changes of the deltas after it, and the PCA file.
+    fn assemble(store: &dyn OutputStore, stored: Stored) -> Result<Checkpoint> {
+        anyhow::ensure!(
+            stored.stats.base > 0,
+            "checkpoint of epoch {} names no statistics file",
+            stored.epoch
+        );
+        let base: StatsBase = read(store, &stats_file(stored.stats.base))?;
+        let (mut moments, mut labels) = (base.moments, base.labels);
+        let mut rows = MomentsAccumulator::new(moments.dim);
+        for &epoch in stored.log.deltas.iter().filter(|&&e| e > stored.stats.base) {
+            let delta = read_delta(store, epoch)?;
+            for (e, diff) in &delta.rows {
+                rows.add(e, *diff);
+            }
+            for (label, stats) in delta.labels {
+                match stats {
+                    Some(s) => labels.insert(label, s),
+                    None => labels.remove(&label),
+                };
+            }
+        }
+        moments.merge(&rows.finish());
+        let pca: Option<PcaModel> = match stored.stats.pca {
+            0 => None,
+            e => Some(read(store, &pca_file(e))?),
+        };
+        Ok(Checkpoint {
+            format: FORMAT,
+            epoch: stored.epoch,
+            source: stored.source,
+            labels,
+            errors: stored.errors,
+            errors_by_kind: stored.errors_by_kind,
+            models: Models {
+                moments,
+                pca,
+                kmeans: stored.kmeans,
+                changes_since_fit: stored.changes_since_fit,
+                pca_epoch: stored.pca_epoch,
+            },
+            log: stored.log,
+            embed: stored.embed,
+            stats: stored.stats,
+        })
+    }
+
+    /// The format-5 checkpoint file's content.
+    fn stored(&self) -> Stored {
+        Stored {
+            format: FORMAT,
+            epoch: self.epoch,
+            source: self.source.clone(),
+            errors: self.errors,
+            errors_by_kind: self.errors_by_kind.clone(),
+            kmeans: self.models.kmeans.clone(),
+            changes_since_fit: self.models.changes_since_fit,
+            pca_epoch: self.models.pca_epoch,
+            log: self.log.clone(),
+            stats: self.stats.clone(),
+            embed: self.embed.clone(),
+        }
     }
 
     /// Every file this checkpoint needs.
@@ -265,6 +467,12 @@ impl Checkpoint {
         }
         files.extend(self.log.deltas.iter().map(|&e| delta_file(e)));
         files.extend(self.log.history.iter().map(|&e| history_file(e)));
+        if self.stats.base > 0 {
+            files.push(stats_file(self.stats.base));
+        }
+        if self.stats.pca > 0 {
+            files.push(pca_file(self.stats.pca));
+        }
         files
     }
 
@@ -273,7 +481,7 @@ impl Checkpoint {
     /// its [`Checkpoint::files`]) needs.
     pub fn commit(&self, store: &dyn OutputStore, previous: &[String]) -> Result<()> {
         let name = checkpoint_file(self.epoch);
-        store.put(&name, &bincode::serialize(self)?)?;
+        store.put(&name, &bincode::serialize(&self.stored())?)?;
         // Fault injection for the crash tests: die between the checkpoint and its pointer.
         if std::env::var("FRUITS_FLOW_ABORT_IN_COMMIT")
             .ok()
@@ -300,9 +508,26 @@ impl Checkpoint {
 
     /// Writes the epoch's delta, or compacts base + deltas + this delta into a new base
     /// when due (reading base + deltas back from the store), and records which in the
-    /// log.
-    pub fn write_delta(&mut self, store: &dyn OutputStore, delta: &Delta) -> Result<()> {
-        let bytes = bincode::serialize(delta)?;
+    /// log; then the statistics files that are due. `rows` are the epoch's moment rows
+    /// (`None`: more than [`DELTA_ROWS`]); the checkpoint already holds the epoch's
+    /// statistics.
+    pub fn write_delta(
+        &mut self,
+        store: &dyn OutputStore,
+        delta: &mut Delta,
+        rows: Option<Vec<(Embedding, i64)>>,
+    ) -> Result<()> {
+        // Rows go into the delta while the deltas' rows stay below the stats file's size.
+        let dim = self.models.moments.dim as u64;
+        let row_bytes = rows.as_ref().map(|r| r.len() as u64 * (4 * dim + 16));
+        let mut stats_due = self.stats.base == 0
+            || row_bytes.is_none_or(|b| {
+                self.stats.row_bytes + b > self.stats.base_bytes.max(MIN_COMPACT_BYTES)
+            });
+        if !stats_due {
+            delta.rows = rows.unwrap_or_default();
+        }
+        let bytes = bincode::serialize(&*delta)?;
         let log = &self.log;
         let pending = log.delta_bytes + bytes.len() as u64;
         let due =
@@ -311,9 +536,35 @@ impl Checkpoint {
             store.put(&delta_file(self.epoch), &bytes)?;
             self.log.deltas.push(self.epoch);
             self.log.delta_bytes = pending;
-            return Ok(());
+        } else {
+            self.compact(store, delta)?;
+            // The deltas that carried rows are folded away: the statistics restart here.
+            stats_due = true;
         }
-        // Compaction: O(archive) once per base's worth of news.
+        if stats_due {
+            let base = bincode::serialize(&StatsBase {
+                moments: self.models.moments.clone(),
+                labels: self.labels.clone(),
+            })?;
+            store.put(&stats_file(self.epoch), &base)?;
+            self.stats.base = self.epoch;
+            self.stats.base_bytes = base.len() as u64;
+            self.stats.row_bytes = 0;
+        } else {
+            self.stats.row_bytes += row_bytes.unwrap_or(0);
+        }
+        if let Some(pca) = &self.models.pca {
+            if self.stats.pca != self.models.pca_epoch {
+                store.put(&pca_file(self.models.pca_epoch), &bincode::serialize(pca)?)?;
+                self.stats.pca = self.models.pca_epoch;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds base + deltas + `delta` into a new base (O(archive), once per base's worth
+    /// of news) and the deltas' summaries into a history file.
+    fn compact(&mut self, store: &dyn OutputStore, delta: &Delta) -> Result<()> {
         let mut archive = Archive::load(store, self, |_| true)?;
         let mut history = load_delta_summaries(store, self)?;
         archive.apply(delta);
@@ -354,7 +605,7 @@ impl Archive {
             Archive::default()
         };
         for &epoch in &checkpoint.log.deltas {
-            let mut delta: Delta = read(store, &delta_file(epoch))?;
+            let mut delta = read_delta(store, epoch)?;
             delta.ledger.retain(|k, _| keep(k));
             archive.apply(&delta);
         }
@@ -462,8 +713,7 @@ fn load_delta_summaries(
 ) -> Result<Vec<EpochSummary>> {
     let mut out = Vec::new();
     for &epoch in &checkpoint.log.deltas {
-        let delta: Delta = read(store, &delta_file(epoch))?;
-        out.extend(delta.summary);
+        out.extend(read_delta(store, epoch)?.summary);
     }
     Ok(out)
 }
@@ -499,34 +749,54 @@ pub fn for_each_live_file(
     archive: &Archive,
     mut each: impl FnMut(Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>) -> Result<()>,
 ) -> Result<()> {
-    use crate::sink::operator::epoch_of_file;
-    let root = format!("{}/", checkpoint.source);
-    for name in store.list("embeddings/")? {
-        let Some(epoch) = epoch_of_file(&name) else {
-            continue;
-        };
-        if epoch > checkpoint.epoch {
-            continue;
-        }
-        let bytes = store
-            .get(&name)?
-            .with_context(|| format!("{name} vanished"))?;
-        let rows =
-            crate::sink::parquet::decode_rows(bytes).with_context(|| format!("reading {name}"))?;
-        let mut live = Vec::new();
-        for stored in rows {
-            let Some(key) = stored.path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
-                continue;
-            };
-            if !archive.is_live_in(&key, epoch) {
-                continue;
-            }
-            live.push((stored.to_image_row(key, &name)?, stored));
-        }
-        live.sort_by(|a, b| a.0.key.cmp(&b.0.key));
-        each(live)?;
+    for (name, epoch) in live_files(store, checkpoint)? {
+        each(read_live_file(store, checkpoint, archive, &name, epoch)?)?;
     }
     Ok(())
+}
+
+/// The committed embeddings files (name, epoch), in the store's listing order.
+pub fn live_files(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+) -> Result<Vec<(String, Epoch)>> {
+    use crate::sink::operator::epoch_of_file;
+    Ok(store
+        .list("embeddings/")?
+        .into_iter()
+        .filter_map(|name| {
+            let epoch = epoch_of_file(&name)?;
+            (epoch <= checkpoint.epoch).then_some((name, epoch))
+        })
+        .collect())
+}
+
+/// The live rows of one embeddings file, in key order.
+pub fn read_live_file(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    archive: &Archive,
+    name: &str,
+    epoch: Epoch,
+) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
+    let root = format!("{}/", checkpoint.source);
+    let bytes = store
+        .get(name)?
+        .with_context(|| format!("{name} vanished"))?;
+    let rows =
+        crate::sink::parquet::decode_rows(bytes).with_context(|| format!("reading {name}"))?;
+    let mut live = Vec::new();
+    for stored in rows {
+        let Some(key) = stored.path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
+            continue;
+        };
+        if !archive.is_live_in(&key, epoch) {
+            continue;
+        }
+        live.push((stored.to_image_row(key, name)?, stored));
+    }
+    live.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    Ok(live)
 }
 
 /// Every live image of a committed state, in key order. Holds every row in memory: for
@@ -599,6 +869,69 @@ mod tests {
         assert_eq!(loaded, now);
     }
 
+    /// A format-4 checkpoint and its format-4 deltas load, migrated; the next commit
+    /// writes the statistics files and the output loads as format 5 after it.
+    #[test]
+    fn format_4_outputs_load_and_keep_committing() {
+        use crate::sink::OutputStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::sink::LocalStore::open(dir.path().to_str().unwrap()).unwrap();
+        let mut now = super::Checkpoint::empty("src".into(), 2, Default::default());
+        now.epoch = 3;
+        now.models.moments.add_row(&Embedding(vec![5, 6]), 1);
+        now.labels.insert(
+            "L".into(),
+            LabelStats {
+                n: 1,
+                sum: vec![5, 6],
+            },
+        );
+        now.log.deltas = vec![3];
+        let key = ImageKey("L/a.jpg".into());
+        let old_delta = super::v4::Delta {
+            ledger: [(key.clone(), entry(3))].into(),
+            errors: BTreeMap::new(),
+            summary: None,
+        };
+        store
+            .put(&delta_file(3), &bincode::serialize(&old_delta).unwrap())
+            .unwrap();
+        let old = super::v4::Checkpoint {
+            format: 4,
+            epoch: now.epoch,
+            source: now.source.clone(),
+            labels: now.labels.clone(),
+            errors: 0,
+            errors_by_kind: Default::default(),
+            models: now.models.clone(),
+            log: now.log.clone(),
+            embed: now.embed.clone(),
+        };
+        store
+            .put(&checkpoint_file(3), &bincode::serialize(&old).unwrap())
+            .unwrap();
+        store
+            .put(super::POINTER, checkpoint_file(3).as_bytes())
+            .unwrap();
+        let mut loaded = super::Checkpoint::load(&store).unwrap().unwrap();
+        assert_eq!(loaded, now);
+        let archive = Archive::load(&store, &loaded, |_| true).unwrap();
+        assert_eq!(archive.ledger.len(), 1);
+        // One more epoch, committed in format 5.
+        let previous = loaded.files();
+        loaded.epoch = 4;
+        loaded.models.moments.add_row(&Embedding(vec![1, 2]), 1);
+        let mut delta = Delta::default();
+        loaded
+            .write_delta(&store, &mut delta, Some(vec![(Embedding(vec![1, 2]), 1)]))
+            .unwrap();
+        loaded.commit(&store, &previous).unwrap();
+        let again = super::Checkpoint::load(&store).unwrap().unwrap();
+        assert_eq!(again, loaded);
+        assert_eq!(again.models.moments.n, 2);
+        assert_eq!(Archive::load(&store, &again, |_| true).unwrap(), archive);
+    }
+
     use super::*;
     use crate::sink::LocalStore;
 
@@ -637,16 +970,51 @@ mod tests {
                 labels: BTreeMap::new(),
                 errors: 0,
             });
+            // The statistics move as the commit moves them: rows into the moments, the
+            // changed label's statistics, now and then a refitted PCA; every 37th epoch
+            // has too many rows for its delta.
+            let rows: Vec<(Embedding, i64)> = (0..3)
+                .map(|i| (Embedding(vec![epoch as i32 * 1000 + i, 7 - i]), 1))
+                .chain((epoch > 1).then(|| (Embedding(vec![(epoch as i32 - 1) * 1000, 7]), -1)))
+                .collect();
+            for (e, diff) in &rows {
+                checkpoint.models.moments.add_row(e, *diff);
+            }
+            let label = format!("L{}", epoch % 4);
+            let stats = LabelStats {
+                n: epoch as i64,
+                sum: vec![epoch as i64, 1],
+            };
+            checkpoint.labels.insert(label.clone(), stats.clone());
+            delta.labels.insert(label, Some(stats));
+            if epoch % 29 == 0 {
+                checkpoint.labels.remove("L1");
+                delta.labels.insert("L1".into(), None);
+            }
+            if epoch % 23 == 1 {
+                checkpoint.models.pca = crate::stats::pca::fit(
+                    &checkpoint.models.moments,
+                    &crate::stats::PcaConfig::default(),
+                );
+                checkpoint.models.pca_epoch = epoch;
+            }
             checkpoint.epoch = epoch;
             let before = checkpoint.log.history.len();
-            checkpoint.write_delta(&store, &delta).unwrap();
+            let rows = (epoch % 37 != 0).then_some(rows);
+            checkpoint.write_delta(&store, &mut delta, rows).unwrap();
             compactions += checkpoint.log.history.len() - before;
             expected.apply(&delta);
             checkpoint.commit(&store, &previous).unwrap();
             previous = checkpoint.files();
+            if epoch % 50 == 0 {
+                assert_eq!(Checkpoint::load(&store).unwrap().unwrap(), checkpoint);
+            }
         }
         assert!(compactions >= 3, "{compactions} compactions");
         let loaded = Checkpoint::load(&store).unwrap().unwrap();
+        // The statistics came back from a stats file and the rows after it.
+        assert_eq!(loaded, checkpoint);
+        assert!(loaded.stats.base < loaded.epoch, "{:?}", loaded.stats);
         assert_eq!(Archive::load(&store, &loaded, |_| true).unwrap(), expected);
         // A worker's share: the filtered decode of the base keeps exactly its keys.
         assert!(loaded.log.base > 0);

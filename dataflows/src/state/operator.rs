@@ -6,7 +6,8 @@ use super::{Checkpoint, Delta, EpochSummary, LedgerEntry, Location};
 use crate::metrics::timed;
 use crate::record::{Change, ChangeKind, Epoch, ErrorRecord, ImageKey};
 use crate::sink::{models::publish, OutputStore};
-use crate::stats::{LabelDiff, LabelStats, Models};
+use crate::stats::operator::Fitted;
+use crate::stats::{LabelDiff, LabelStats};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,8 +26,8 @@ pub enum CommitItem {
     /// A label's statistics entering (+1) or leaving (−1) the per-label collection
     /// (the output of differential's `count_total`).
     Label(String, LabelDiff, i64),
-    /// The models after the epoch.
-    Models(Box<Models>),
+    /// The models after the epoch (and its moment rows, when few).
+    Models(Box<Fitted>),
     /// Rows written by a parquet sink.
     Written(usize),
 }
@@ -72,9 +73,10 @@ pub fn commit<'s>(
                     }
                     let (cap, items) = entry.remove();
                     timed("commit", || {
-                        let delta = apply(&mut checkpoint, &mut errors, t, items, peers);
+                        let (mut delta, rows) =
+                            apply(&mut checkpoint, &mut errors, t, items, peers);
                         checkpoint
-                            .write_delta(store.as_ref(), &delta)
+                            .write_delta(store.as_ref(), &mut delta, rows)
                             .unwrap_or_else(|e| panic!("writing the state of epoch {t}: {e:#}"));
                         publish(
                             store.as_ref(),
@@ -110,14 +112,14 @@ pub fn commit<'s>(
 }
 
 /// Folds one epoch's items into the checkpoint and the error records (sequential,
-/// deterministic) and returns the epoch's delta of the per-image state.
+/// deterministic) and returns the epoch's delta and its moment rows (when few).
 pub fn apply(
     checkpoint: &mut Checkpoint,
     errors: &mut BTreeMap<ImageKey, ErrorRecord>,
     epoch: Epoch,
     mut items: Vec<CommitItem>,
     peers: usize,
-) -> Delta {
+) -> (Delta, Option<Vec<(crate::record::Embedding, i64)>>) {
     // Changes before errors: an error marks the ledger entry its change created. Label
     // retractions before additions: a changed label leaves with its old statistics and
     // enters with its new ones in the same epoch.
@@ -127,6 +129,8 @@ pub fn apply(
         _ => 2,
     });
     let mut delta = Delta::default();
+    // An epoch without models (nothing embedded, only errors) left the moments as they were.
+    let mut rows = Some(Vec::new());
     for item in items {
         match item {
             CommitItem::Change(change) => {
@@ -158,13 +162,17 @@ pub fn apply(
             CommitItem::Label(label, stats, diff) => {
                 if diff < 0 {
                     checkpoint.labels.remove(&label);
+                    delta.labels.insert(label, None);
                 } else {
-                    checkpoint
-                        .labels
-                        .insert(label, LabelStats::from_diff(stats));
+                    let stats = LabelStats::from_diff(stats);
+                    checkpoint.labels.insert(label.clone(), stats.clone());
+                    delta.labels.insert(label, Some(stats));
                 }
             }
-            CommitItem::Models(models) => checkpoint.models = *models,
+            CommitItem::Models(fitted) => {
+                checkpoint.models = fitted.models;
+                rows = fitted.rows;
+            }
             CommitItem::Written(_) => {}
         }
     }
@@ -182,5 +190,5 @@ pub fn apply(
         labels: checkpoint.label_counts(),
         errors: errors.len(),
     });
-    delta
+    (delta, rows)
 }

@@ -57,12 +57,14 @@ impl Models {
     pub fn apply_epoch(
         &mut self,
         epoch: u64,
-        partial: &Moments,
+        partials: &[moments::Partial],
         points: Vec<kmeans::EpochPoint>,
         pca: &PcaConfig,
         kmeans: &KMeansConfig,
     ) {
-        self.moments.merge(partial);
+        for partial in partials {
+            self.moments.fold(partial);
+        }
         self.changes_since_fit += points.len() as u64;
         if self.refit_due(pca) {
             self.pca = pca::fit(&self.moments, pca);
@@ -129,8 +131,13 @@ mod tests {
                 vec![point(100 + epoch as usize)]
             };
             all.extend(new.iter().cloned());
-            let partial = moments::moments_of(4, new.iter().map(|(_, e, d)| (e, *d)));
-            models.apply_epoch(epoch, &partial, new, &config, &kmeans);
+            // Dense partials for the first epoch, rows after (as the operator sends them).
+            let partial = if epoch == 1 {
+                moments::Partial::Dense(moments::moments_of(4, new.iter().map(|(_, e, d)| (e, *d))))
+            } else {
+                moments::Partial::Rows(new.iter().map(|(_, e, d)| (e.clone(), *d)).collect())
+            };
+            models.apply_epoch(epoch, &[partial], new, &config, &kmeans);
             let pca = models.pca.as_ref().unwrap();
             if models.pca_epoch == epoch {
                 fitted_at.push(epoch);
@@ -157,10 +164,10 @@ mod tests {
         let mut m = Models::new(4);
         let new: Vec<_> = (0..20).map(point).collect();
         let partial = moments::moments_of(4, new.iter().map(|(_, e, d)| (e, *d)));
-        m.apply_epoch(1, &partial, new, &every, &kmeans);
+        m.apply_epoch(1, &[moments::Partial::Dense(partial)], new, &every, &kmeans);
         let one = vec![point(500)];
         let partial = moments::moments_of(4, one.iter().map(|(_, e, d)| (e, *d)));
-        m.apply_epoch(2, &partial, one, &every, &kmeans);
+        m.apply_epoch(2, &[moments::Partial::Dense(partial)], one, &every, &kmeans);
         assert_eq!(m.pca_epoch, 2, "1 change in 21 is over the default 1 %");
     }
 }

@@ -3,9 +3,9 @@
 //! worker-0 operator that merges them with the epoch's points into new models once
 //! the epoch is complete everywhere.
 
+use super::moments::{Partial, SPARSE_ROWS};
 use super::{
-    kmeans::EpochPoint, KMeansConfig, LabelDiff, LabelStats, Models, Moments, MomentsAccumulator,
-    PcaConfig,
+    kmeans::EpochPoint, KMeansConfig, LabelDiff, LabelStats, Models, MomentsAccumulator, PcaConfig,
 };
 use crate::background::Background;
 use crate::embed::operator::RowUpdate;
@@ -21,25 +21,26 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 /// One moment partial per worker and epoch, emitted when the epoch is complete: the
-/// O(d²) work per image stays on the worker that embedded it.
+/// O(d²) work per image stays on the worker that embedded it. A worker with only a few
+/// rows in the epoch sends the rows themselves ([`Partial::Rows`]).
 pub fn moment_partials<'s>(
     rows: StreamVec<'s, Epoch, RowUpdate>,
     dim: usize,
-) -> StreamVec<'s, Epoch, Moments> {
+) -> StreamVec<'s, Epoch, Partial> {
     rows.unary_frontier(Pipeline, "moments", move |_, _| {
-        let mut open: BTreeMap<Epoch, (Capability<Epoch>, MomentsAccumulator)> = BTreeMap::new();
+        let mut open: BTreeMap<Epoch, (Capability<Epoch>, EpochPartial)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = open.entry(t).or_insert_with(|| {
                     (
                         cap.retain_least(0).expect("stamped"),
-                        MomentsAccumulator::new(dim),
+                        EpochPartial::Rows(Vec::new()),
                     )
                 });
                 timed("moments", || {
                     for (row, _, diff) in data.iter() {
-                        entry.1.add(&row.embedding, *diff);
+                        entry.1.add(&row.embedding, *diff, dim);
                     }
                 });
             });
@@ -47,11 +48,45 @@ pub fn moment_partials<'s>(
                 if frontier.less_equal(entry.key()) {
                     break;
                 }
-                let (cap, acc) = entry.remove();
-                output.session(&cap).give(timed("moments", || acc.finish()));
+                let (cap, partial) = entry.remove();
+                output
+                    .session(&cap)
+                    .give(timed("moments", || partial.finish()));
             }
         }
     })
+}
+
+/// A worker's epoch so far: a few rows, or an accumulator once there are more.
+enum EpochPartial {
+    Rows(Vec<(crate::record::Embedding, i64)>),
+    Dense(MomentsAccumulator),
+}
+
+impl EpochPartial {
+    fn add(&mut self, e: &crate::record::Embedding, diff: i64, dim: usize) {
+        if let EpochPartial::Rows(rows) = self {
+            if rows.len() < SPARSE_ROWS {
+                rows.push((e.clone(), diff));
+                return;
+            }
+            let mut acc = MomentsAccumulator::new(dim);
+            for (e, diff) in rows.drain(..) {
+                acc.add(&e, diff);
+            }
+            *self = EpochPartial::Dense(acc);
+        }
+        if let EpochPartial::Dense(acc) = self {
+            acc.add(e, diff);
+        }
+    }
+
+    fn finish(self) -> Partial {
+        match self {
+            EpochPartial::Rows(rows) => Partial::Rows(rows),
+            EpochPartial::Dense(acc) => Partial::Dense(acc.finish()),
+        }
+    }
 }
 
 /// Per-label statistics as a differential collection: each live row contributes
@@ -70,6 +105,17 @@ pub fn label_stats<'s>(
         .inner
 }
 
+/// The models after an epoch, and the epoch's moment rows while they are few (the
+/// commit stores them in the epoch's delta instead of rewriting the moments).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Fitted {
+    /// The models.
+    pub models: Models,
+    /// The rows (and diffs) the epoch changed the moments by; `None` above
+    /// [`crate::state::DELTA_ROWS`].
+    pub rows: Option<Vec<(crate::record::Embedding, i64)>>,
+}
+
 /// On worker 0: merges each complete epoch's partials (exactly, in integers) and folds
 /// its points into the KMeans, then emits the new models at that epoch.
 ///
@@ -78,18 +124,18 @@ pub fn label_stats<'s>(
 /// keeps embedding instead of stalling every worker at each epoch boundary, and the OS
 /// shares the cores between the fit and the embedding.
 pub fn models<'s>(
-    partials: StreamVec<'s, Epoch, Moments>,
+    partials: StreamVec<'s, Epoch, Partial>,
     rows: StreamVec<'s, Epoch, RowUpdate>,
     models: Models,
     pca: PcaConfig,
     kmeans: KMeansConfig,
-) -> StreamVec<'s, Epoch, Models> {
+) -> StreamVec<'s, Epoch, Fitted> {
     let points = Exchange::new(|_: &RowUpdate| 0);
     let scope = partials.scope();
     let worker = scope.worker();
     partials.binary_frontier(
         rows,
-        Exchange::new(|_: &Moments| 0),
+        Exchange::new(|_: &Partial| 0),
         points,
         "models",
         move |_, info| {
@@ -97,26 +143,29 @@ pub fn models<'s>(
             // Started on the first complete epoch: only worker 0 ever gets one.
             let mut fitter = None;
             let mut seed = Some((models, pca, kmeans, activator));
-            let mut open: BTreeMap<Epoch, (Capability<Epoch>, Option<Moments>, Vec<EpochPoint>)> =
+            let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<Partial>, Vec<EpochPoint>)> =
                 BTreeMap::new();
             let mut fitting: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             move |(partials, f1), (rows, f2), output| {
                 partials.for_each(|cap, data| {
                     let Some(&t) = cap.least() else { return };
                     let entry = open.entry(t).or_insert_with(|| {
-                        (cap.retain_least(0).expect("stamped"), None, Vec::new())
+                        (
+                            cap.retain_least(0).expect("stamped"),
+                            Vec::new(),
+                            Vec::new(),
+                        )
                     });
-                    for partial in data.drain(..) {
-                        match &mut entry.1 {
-                            Some(sum) => sum.merge(&partial),
-                            none => *none = Some(partial),
-                        }
-                    }
+                    entry.1.extend(data.drain(..));
                 });
                 rows.for_each(|cap, data| {
                     let Some(&t) = cap.least() else { return };
                     let entry = open.entry(t).or_insert_with(|| {
-                        (cap.retain_least(0).expect("stamped"), None, Vec::new())
+                        (
+                            cap.retain_least(0).expect("stamped"),
+                            Vec::new(),
+                            Vec::new(),
+                        )
                     });
                     entry.2.extend(
                         data.drain(..)
@@ -147,11 +196,11 @@ pub fn models<'s>(
     )
 }
 
-/// One epoch's merged moments and points, to fold into the models.
-type FitJob = (Epoch, Option<Moments>, Vec<EpochPoint>);
+/// One epoch's moment partials and points, to fold into the models.
+type FitJob = (Epoch, Vec<Partial>, Vec<EpochPoint>);
 
 /// The thread that owns the models and folds epochs in, one after another.
-type Fitter = Background<FitJob, (Epoch, Models)>;
+type Fitter = Background<FitJob, (Epoch, Fitted)>;
 
 fn start_fitter(
     mut models: Models,
@@ -159,11 +208,16 @@ fn start_fitter(
     kmeans: KMeansConfig,
     wake: timely::scheduling::SyncActivator,
 ) -> Fitter {
-    Background::start("models", wake, move |(t, partial, points): FitJob| {
+    Background::start("models", wake, move |(t, partials, points): FitJob| {
         let started = std::time::Instant::now();
-        let partial = partial.unwrap_or_else(|| Moments::new(models.moments.dim));
+        let rows = (points.len() <= crate::state::DELTA_ROWS).then(|| {
+            points
+                .iter()
+                .map(|(_, e, diff)| (e.clone(), *diff))
+                .collect()
+        });
         timed("models", || {
-            models.apply_epoch(t, &partial, points, &pca, &kmeans)
+            models.apply_epoch(t, &partials, points, &pca, &kmeans)
         });
         tracing::debug!(
             stage = "stats",
@@ -172,7 +226,8 @@ fn start_fitter(
             seconds = started.elapsed().as_secs_f64(),
             "Models updated."
         );
-        (t, models.clone())
+        let models = models.clone();
+        (t, Fitted { models, rows })
     })
 }
 
@@ -243,7 +298,7 @@ mod tests {
                         ..Default::default()
                     },
                 )
-                .inspect(move |m| *sink.lock().unwrap() = Some(m.clone()))
+                .inspect(move |m| *sink.lock().unwrap() = Some(m.models.clone()))
                 .probe_with(&probe);
             });
             for (t, epoch) in epochs.iter().enumerate() {

@@ -89,7 +89,14 @@ impl PcaModel {
         // same whatever the block.
         const BLOCK: usize = 256;
         let (d, k) = (self.scaler.mean.len(), self.k);
-        let v = Mat::<f64>::from_fn(d, k, |r, c| self.components[c][r]);
+        // The kept components as one contiguous k x d matrix, row by row (a copy of
+        // contiguous rows: a column-by-column gather of d x k was most of a trickle
+        // epoch's KMeans fold).
+        let mut flat = Vec::with_capacity(k * d);
+        for c in &self.components[..k] {
+            flat.extend_from_slice(&c[..d]);
+        }
+        let v = faer::MatRef::from_row_major_slice(&flat, k, d).transpose();
         let mut projected = Vec::with_capacity(xs.len());
         for block in xs.chunks(BLOCK) {
             let n = block.len();
@@ -106,7 +113,7 @@ impl PcaModel {
                 out.as_mut(),
                 faer::Accum::Replace,
                 z.as_ref(),
-                v.as_ref(),
+                v,
                 1.0,
                 faer::Par::Seq,
             );
