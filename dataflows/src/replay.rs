@@ -4,9 +4,10 @@
 //! an output, or to refit with other `[pca]`/`[kmeans]` settings.
 
 use crate::sink::OutputStore;
-use crate::state::{for_each_live_file, load_committed, Archive, Checkpoint};
-use crate::stats::{KMeansConfig, Models, MomentsAccumulator, PcaConfig};
+use crate::state::{live_files, load_committed, read_live_file, Archive, Checkpoint};
+use crate::stats::{KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
 use anyhow::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// What a replay rebuilt, and how long each part took.
@@ -17,9 +18,9 @@ pub struct Replay {
     pub models: Models,
     /// Live images read back.
     pub images: usize,
-    /// Seconds reading and decoding the Parquet files.
+    /// Seconds reading and decoding the Parquet files (summed over threads).
     pub read_s: f64,
-    /// Seconds accumulating the exact moments.
+    /// Seconds accumulating the exact moments (summed over threads).
     pub moments_s: f64,
     /// Seconds fitting the PCA (an eigendecomposition, independent of the image count).
     pub pca_s: f64,
@@ -30,28 +31,60 @@ pub struct Replay {
 }
 
 /// Rebuilds the statistics of `store`'s committed state in two streaming passes over the
-/// stored embeddings (memory: the ledger and one file): exact moments, then, under the
-/// refitted PCA, the KMeans folded in file by file as the pipeline folds epochs.
+/// stored embeddings (memory: the ledger and a file per core): exact moments, then, under
+/// the refitted PCA, the KMeans folded in file by file as the pipeline folds epochs.
 pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -> Result<Replay> {
     let checkpoint = load_committed(store)?;
     let archive = Archive::load(store, &checkpoint, |_| true)?;
     let dim = checkpoint.models.moments.dim;
-    // Nothing else runs during a replay: let the matrix products use every core.
-    let mut acc = MomentsAccumulator::with_parallelism(dim, faer::Par::rayon(0));
+    let files = live_files(store, &checkpoint)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // Pass 1: every core takes the next file, decodes it and adds its rows to its own
+    // accumulator; integer sums merge exactly in any order.
+    let next = AtomicUsize::new(0);
+    let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.min(files.len()).max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<Part> {
+                    let mut part = Part {
+                        acc: MomentsAccumulator::new(dim),
+                        images: 0,
+                        read_s: 0.0,
+                        moments_s: 0.0,
+                    };
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((name, epoch)) = files.get(i) else {
+                            return Ok(part);
+                        };
+                        let t = Instant::now();
+                        let rows = read_live_file(store, &checkpoint, &archive, name, *epoch)?;
+                        part.read_s += t.elapsed().as_secs_f64();
+                        let t = Instant::now();
+                        for (row, _) in &rows {
+                            part.acc.add(&row.embedding, 1);
+                        }
+                        part.images += rows.len();
+                        part.moments_s += t.elapsed().as_secs_f64();
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("replay thread panicked"))
+            .collect()
+    });
+    let mut moments = Moments::new(dim);
     let (mut read_s, mut moments_s, mut images) = (0.0, 0.0, 0);
-    let mut started = Instant::now();
-    for_each_live_file(store, &checkpoint, &archive, |rows| {
-        read_s += started.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for (row, _) in &rows {
-            acc.add(&row.embedding, 1);
-        }
-        images += rows.len();
-        moments_s += t.elapsed().as_secs_f64();
-        started = Instant::now();
-        Ok(())
-    })?;
-    let moments = acc.finish();
+    for part in parts {
+        let part = part?;
+        read_s += part.read_s;
+        moments_s += part.moments_s;
+        images += part.images;
+        moments.merge(&part.acc.finish());
+    }
     let moments_identical = moments == checkpoint.models.moments;
 
     let started = Instant::now();
@@ -60,13 +93,28 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
     models.pca = crate::stats::pca::fit(&models.moments, pca);
     let pca_s = started.elapsed().as_secs_f64();
 
+    // Pass 2: the KMeans folds files in order; a reader thread decodes the next file
+    // meanwhile (one file ahead).
     let started = Instant::now();
-    for_each_live_file(store, &checkpoint, &archive, |rows| {
-        let points = rows
-            .into_iter()
-            .map(|(r, _)| (r.key, r.embedding, 1))
-            .collect();
-        models.fold_points(points, kmeans);
+    std::thread::scope(|scope| -> Result<()> {
+        let (send, receive) = std::sync::mpsc::sync_channel(1);
+        let (files, checkpoint, archive) = (&files, &checkpoint, &archive);
+        scope.spawn(move || {
+            for (name, epoch) in files {
+                let rows = read_live_file(store, checkpoint, archive, name, *epoch);
+                let failed = rows.is_err();
+                if send.send(rows).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for rows in receive {
+            let points = rows?
+                .into_iter()
+                .map(|(r, _)| (r.key, r.embedding, 1))
+                .collect();
+            models.fold_points(points, kmeans);
+        }
         Ok(())
     })?;
     let kmeans_s = started.elapsed().as_secs_f64();
@@ -80,4 +128,12 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         kmeans_s,
         moments_identical,
     })
+}
+
+/// One pass-1 thread's share.
+struct Part {
+    acc: MomentsAccumulator,
+    images: usize,
+    read_s: f64,
+    moments_s: f64,
 }
