@@ -18,7 +18,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{binary, measure, proc_status_mb, wait_for_classify, wait_images};
+use common::{binary, cpu_seconds, measure, proc_status_mb, wait_for_classify, wait_images};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -381,13 +381,4 @@ fn rss_mb(child: &Child) -> Result<f64> {
 
 fn hwm_mb(child: &Child) -> Result<f64> {
     proc_status_mb(child, "VmHWM:")
-}
-
-/// User + system CPU seconds of a running child.
-fn cpu_seconds(child: &Child) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
-    let after = &text[text.rfind(')').context("stat")? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }

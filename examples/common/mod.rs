@@ -37,20 +37,36 @@ pub fn proc_status_mb(child: &Child, field: &str) -> Result<f64> {
 }
 
 /// Runs `command` to completion; returns (seconds, peak RSS in MB) of the child.
+pub fn measure(command: &mut Command) -> Result<(f64, f64)> {
+    let m = measure_run(command.stderr(Stdio::null()))?;
+    Ok((m.seconds, m.peak_mb))
+}
+
+/// What [`measure_run`] saw of a child.
+pub struct Measured {
+    /// Wall seconds from spawn to exit.
+    pub seconds: f64,
+    /// Peak RSS (VmHWM), MB.
+    pub peak_mb: f64,
+    /// User + system CPU seconds (the last sample before exit, polled every 20 ms).
+    pub cpu_s: f64,
+}
+
+/// Runs `command` to completion (stdout discarded, stderr as the caller set it).
 ///
 /// The peak is the child's VmHWM, polled until it exits: it belongs to the child's own
 /// address space (getrusage's ru_maxrss would also count this process's memory, which
 /// the child inherits at fork, before its exec).
-pub fn measure(command: &mut Command) -> Result<(f64, f64)> {
+pub fn measure_run(command: &mut Command) -> Result<Measured> {
     let started = Instant::now();
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut peak = 0.0f64;
+    let mut child = command.stdout(Stdio::null()).spawn()?;
+    let (mut peak, mut cpu) = (0.0f64, 0.0f64);
     let status = loop {
         if let Ok(mb) = proc_status_mb(&child, "VmHWM:") {
             peak = peak.max(mb);
+        }
+        if let Ok(s) = cpu_seconds(&child) {
+            cpu = cpu.max(s);
         }
         if let Some(status) = child.try_wait()? {
             break status;
@@ -58,7 +74,20 @@ pub fn measure(command: &mut Command) -> Result<(f64, f64)> {
         std::thread::sleep(Duration::from_millis(20));
     };
     anyhow::ensure!(status.success(), "command failed: {command:?}");
-    Ok((started.elapsed().as_secs_f64(), peak))
+    Ok(Measured {
+        seconds: started.elapsed().as_secs_f64(),
+        peak_mb: peak,
+        cpu_s: cpu,
+    })
+}
+
+/// User + system CPU seconds of a running child.
+pub fn cpu_seconds(child: &Child) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+    let after = &text[text.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
 }
 
 /// POSTs `body` (a JPEG) to `url` until it is answered 200, or fails after `within`.
