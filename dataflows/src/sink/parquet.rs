@@ -165,13 +165,13 @@ impl<W: std::io::Write + Send> ExportWriter<W> {
         Ok(())
     }
 
-    /// Finishes the file (an empty table when nothing was written).
-    pub fn finish(mut self) -> Result<()> {
+    /// Finishes the file (an empty table when nothing was written) and hands back the
+    /// output, for the caller to publish (flush a file, complete an upload).
+    pub fn finish(mut self) -> Result<W> {
         if self.writer.is_none() {
             self.write(&[])?;
         }
-        self.writer.take().expect("created").close()?;
-        Ok(())
+        Ok(self.writer.take().expect("created").into_inner()?)
     }
 }
 
