@@ -28,8 +28,8 @@ pub enum Command {
     /// Ingest the archive: embed new images, update statistics, write outputs. Tails the
     /// source for new folders and images until Ctrl-C, or stops after one pass with --once.
     Run(RunArgs),
-    /// Write one consistent table (CSV and optionally Parquet) from stored embeddings and
-    /// the current models, without running the model.
+    /// Write one consistent table (CSV and optionally Parquet, to local files or s3://
+    /// objects) from stored embeddings and the current models, without running the model.
     Export(ExportArgs),
     /// Print the state of an output: images, labels, errors, PCA and KMeans.
     Status(StatusArgs),
@@ -201,12 +201,12 @@ pub struct ExportArgs {
     /// Output of a run (directory or s3://bucket/prefix).
     #[arg(long)]
     pub output: String,
-    /// CSV file to write: path,label,cluster,pc1..pck.
-    #[arg(long)]
-    pub csv: PathBuf,
-    /// Parquet file to write: path,label,features,pca_features,cluster.
-    #[arg(long)]
-    pub parquet: Option<PathBuf>,
+    /// CSV to write, a local path or s3://bucket/key: path,label,cluster,pc1..pck.
+    #[arg(long, value_name = "DEST")]
+    pub csv: String,
+    /// Parquet to write, a local path or s3://bucket/key: path,label,features,pca_features,cluster.
+    #[arg(long, value_name = "DEST")]
+    pub parquet: Option<String>,
 }
 
 /// Arguments of `status`.

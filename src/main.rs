@@ -42,7 +42,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Export(args) => {
             let s3 = s3_config(args.config.as_deref(), &args.s3)?;
             let n = export::export(&args.output, &s3, &args.csv, args.parquet.as_deref())?;
-            eprintln!("Exported {n} rows to {}.", args.csv.display());
+            eprintln!("Exported {n} rows to {}.", args.csv);
             Ok(())
         }
         Command::Classify(args) => {
