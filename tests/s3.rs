@@ -1,13 +1,15 @@
 //! Over a real S3 server (s3s-fs, a separate process speaking S3 with SigV4 auth, on
 //! loopback): replay, tailing new images and a new fruit folder, deletion, restart
-//! exactly once, an outage, a wrong secret, and three processes.
+//! exactly once, an outage, a wrong secret, three processes, and `export` to S3 objects
+//! (one PutObject or a multipart upload, equal to a local export; failures leave none).
 
 use crate::util::*;
-use fruits_dataflows::io::S3Config;
+use fruits_dataflows::io::{upload::MIN_PART_SIZE, S3Client, S3Config, S3Upload};
 use fruits_dataflows::sink::{s3::S3Store, OutputStore};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -165,6 +167,29 @@ impl Server {
 
     pub fn status(&self, output: &str) -> serde_json::Value {
         status_of(&mut self.command(&["status", "--json", "--output", output]))
+    }
+
+    /// The stored bytes of `key` in the bucket, read from the server's directory.
+    pub fn object(&self, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.root.path().join(BUCKET).join(key)).ok()
+    }
+
+    /// The ETag of `key` (a multipart object's ends in `-<parts>`).
+    pub fn etag(&self, key: &str) -> String {
+        let client = S3Client::new(&self.config()).unwrap();
+        let head = client
+            .block_on(client.sdk().head_object().bucket(BUCKET).key(key).send())
+            .unwrap();
+        head.e_tag().unwrap().trim_matches('"').to_string()
+    }
+
+    /// The files s3s-fs keeps for multipart uploads in progress (their info and parts).
+    pub fn pending_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".upload"))
+            .collect()
     }
 }
 
@@ -369,4 +394,213 @@ fn three_processes_over_s3_equal_one() {
     assert_eq!(one["labels"], three["labels"]);
     assert_eq!(one["pca"], three["pca"]);
     assert_eq!(one["kmeans"], three["kmeans"]);
+}
+
+/// The arguments of `fruits-flow export` of `output` to `csv` and `parquet`.
+fn export_args<'a>(output: &'a Path, csv: &'a str, parquet: &'a str) -> [&'a str; 7] {
+    let output = output.to_str().unwrap();
+    [
+        "export",
+        "--output",
+        output,
+        "--csv",
+        csv,
+        "--parquet",
+        parquet,
+    ]
+}
+
+fn assert_exported(out: &Output) {
+    assert!(
+        out.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An archive of `variants` distinct images per fixture image (flips, rotations and
+/// brightness shifts, under new names), so an export spans several upload parts.
+fn variant_archive(dest: &Path, variants: usize) -> usize {
+    let mut written = 0;
+    for label in std::fs::read_dir(fixtures()).unwrap() {
+        let label = label.unwrap().path();
+        let target = dest.join(label.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        for f in std::fs::read_dir(&label).unwrap() {
+            let f = f.unwrap().path();
+            let img = image::open(&f).unwrap();
+            let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+            for v in 0..variants {
+                let turned = match v % 8 {
+                    0 => img.clone(),
+                    1 => img.rotate90(),
+                    2 => img.rotate180(),
+                    3 => img.rotate270(),
+                    4 => img.fliph(),
+                    5 => img.flipv(),
+                    6 => img.rotate90().fliph(),
+                    _ => img.rotate90().flipv(),
+                };
+                let shifted = turned.brighten(6 * (v / 8) as i32);
+                shifted
+                    .save(target.join(format!("{stem}_v{v}.jpg")))
+                    .unwrap();
+                written += 1;
+            }
+        }
+    }
+    written
+}
+
+#[test]
+fn export_to_s3_equals_a_local_export_in_one_object_or_several_parts() {
+    let server = Server::start();
+    let (archive, out, local) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    // ~1,600 rows of 1280 float32 features: a Parquet table of about 8 MB.
+    assert_eq!(variant_archive(archive.path(), 40), 1600);
+    run_once(archive.path(), out.path(), &["-w", "2"]);
+    let (csv, parquet) = (local.path().join("t.csv"), local.path().join("t.parquet"));
+    let local_args = export_args(out.path(), csv.to_str().unwrap(), parquet.to_str().unwrap());
+    assert_exported(&bin().args(local_args).output().unwrap());
+    let (csv, parquet) = (std::fs::read(csv).unwrap(), std::fs::read(parquet).unwrap());
+    assert!(
+        parquet.len() > MIN_PART_SIZE,
+        "the Parquet table ({} bytes) is too small to need several parts",
+        parquet.len()
+    );
+
+    // Default part size: each table in one PutObject (or parts of 8 MiB).
+    let to_s3 = |prefix: &str| {
+        let (csv, parquet) = (
+            format!("s3://fruit/{prefix}/t.csv"),
+            format!("s3://fruit/{prefix}/t.parquet"),
+        );
+        server.command(&export_args(out.path(), &csv, &parquet))
+    };
+    assert_exported(&to_s3("tables").output().unwrap());
+    // The smallest parts S3 allows: the Parquet table goes in several parts.
+    let mut parts = to_s3("parts");
+    parts.env("FRUITS_FLOW_EXPORT_PART_SIZE", MIN_PART_SIZE.to_string());
+    assert_exported(&parts.output().unwrap());
+    for prefix in ["tables", "parts"] {
+        let object = |name: &str| server.object(&format!("{prefix}/{name}"));
+        assert!(
+            object("t.csv") == Some(csv.clone()),
+            "{prefix}/t.csv differs"
+        );
+        assert!(
+            object("t.parquet") == Some(parquet.clone()),
+            "{prefix}/t.parquet differs from the local export"
+        );
+    }
+    // A multipart object's ETag ends in -<parts>; a table under one part is one PutObject.
+    for (key, len) in [
+        ("parts/t.parquet", parquet.len()),
+        ("parts/t.csv", csv.len()),
+    ] {
+        let (etag, parts) = (server.etag(key), len.div_ceil(MIN_PART_SIZE));
+        let single = parts == 1 && !etag.contains('-');
+        assert!(
+            single || etag.ends_with(&format!("-{parts}")),
+            "{key} ({len} bytes): ETag {etag}"
+        );
+    }
+    assert_eq!(server.pending_uploads(), Vec::<String>::new());
+}
+
+#[test]
+fn an_upload_streams_parts_and_appears_whole_or_not_at_all() {
+    let server = Server::start();
+    let bytes: Vec<u8> = (0..(3 * MIN_PART_SIZE + 123))
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let upload = |key: &str, len: usize, part: usize| {
+        let mut writer =
+            S3Upload::create(&format!("s3://fruit/{key}"), &server.config(), part).unwrap();
+        // Odd-sized writes, as the CSV and Parquet writers make.
+        for chunk in bytes[..len].chunks(7919) {
+            writer.write_all(chunk).unwrap();
+        }
+        writer
+    };
+    // Several parts and a short last one; an exact multiple sends no empty part.
+    for (key, len, parts) in [("four", bytes.len(), 4), ("two", 2 * MIN_PART_SIZE, 2)] {
+        upload(key, len, MIN_PART_SIZE).finish().unwrap();
+        assert!(
+            server.object(key).as_deref() == Some(&bytes[..len]),
+            "{key} differs"
+        );
+        assert!(
+            server.etag(key).ends_with(&format!("-{parts}")),
+            "{key}: {}",
+            server.etag(key)
+        );
+    }
+    // Under one part: one PutObject.
+    upload("small", 1000, MIN_PART_SIZE).finish().unwrap();
+    assert_eq!(server.object("small").as_deref(), Some(&bytes[..1000]));
+    assert_eq!(server.pending_uploads(), Vec::<String>::new());
+
+    // Dropped unfinished after a part went (the export failed): aborted, no object.
+    drop(upload("dropped", MIN_PART_SIZE + 10, MIN_PART_SIZE));
+    assert_eq!(server.object("dropped"), None);
+    assert_eq!(server.pending_uploads(), Vec::<String>::new());
+
+    // Refused on complete (parts under S3's minimum): the error names the object, and
+    // none appears.
+    let err = upload("refused", 3 << 20, 1 << 20)
+        .finish()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("s3://fruit/refused") && err.contains("EntityTooSmall"),
+        "{err}"
+    );
+    assert_eq!(server.object("refused"), None);
+}
+
+#[test]
+fn export_to_a_denied_or_unreachable_destination_fails_clearly() {
+    let server = Server::start();
+    let (archive, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    copy_fixtures(archive.path(), 0..1);
+    run_once(archive.path(), out.path(), &[]);
+    let failed = |out: Output, url: &str, reason: &str| {
+        assert!(!out.status.success(), "export to {url} succeeded");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(text.contains(url) && text.contains(reason), "{text}");
+        assert!(
+            !text.contains(SECRET_KEY) && !text.contains("wrong-secret-value-123"),
+            "secret leaked: {text}"
+        );
+    };
+
+    let (csv, parquet) = ("s3://fruit/denied/t.csv", "s3://fruit/denied/t.parquet");
+    let mut denied = server.command(&export_args(out.path(), csv, parquet));
+    denied.env("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123");
+    failed(denied.output().unwrap(), csv, "refused the credentials");
+    assert!(server.object("denied/t.csv").is_none() && server.object("denied/t.parquet").is_none());
+
+    // Nothing listens there; [s3] retry_for_s bounds the retries.
+    let config = out.path().join("retry.toml");
+    std::fs::write(&config, "[s3]\nretry_for_s = 1\n").unwrap();
+    let csv = "s3://fruit/unreachable/t.csv";
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let mut unreachable = bin();
+    unreachable
+        .args(export_args(
+            out.path(),
+            csv,
+            "s3://fruit/unreachable/t.parquet",
+        ))
+        .args(["--s3-endpoint", &endpoint, "--s3-path-style"])
+        .args(["--config", config.to_str().unwrap()])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1");
+    failed(unreachable.output().unwrap(), csv, "dispatch failure");
 }
