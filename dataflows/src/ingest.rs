@@ -448,6 +448,20 @@ fn resume(
     embed: &EmbedConfig,
     index: usize,
 ) -> Result<Checkpoint> {
+    if index == 0 {
+        // Nothing in the cluster writes before worker 0 cuts the first epoch, so temp
+        // files now are a killed run's half-written objects.
+        let removed = store
+            .remove_stale_temp_files()
+            .with_context(|| format!("removing stale temp files in {}", store.location()))?;
+        if removed > 0 {
+            tracing::info!(
+                stage = "state",
+                removed,
+                "Removed a killed run's temp files."
+            );
+        }
+    }
     let Some(checkpoint) = Checkpoint::load(store)? else {
         return Ok(Checkpoint::empty(source.location(), dim, embed.clone()));
     };

@@ -25,6 +25,11 @@ pub trait OutputStore: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes `name` if present.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Removes what killed writers left behind that is not an object (a local
+    /// directory's temp files); returns how many. Only while nothing writes.
+    fn remove_stale_temp_files(&self) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// Opens the output location: `s3://bucket/prefix`, or a local directory (created).
