@@ -67,7 +67,7 @@ pub struct ClusterArgs {
     /// cluster.toml: hosts and pipeline settings.
     #[arg(long = "cluster")]
     pub cluster: Option<PathBuf>,
-    /// Print timely's connection progress.
+    /// Log every link to another cluster process as it is made.
     #[arg(long)]
     pub report: bool,
 }

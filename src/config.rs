@@ -19,6 +19,19 @@ pub struct ClusterSection {
     /// Seconds a process may go unheard before the others give up on it (stopped,
     /// hung or unreachable) and exit for a restart. Default 60.
     pub liveness_timeout_s: Option<u64>,
+    /// Seconds a starting process waits for every other one to be linked before it names
+    /// the missing ones and exits for a restart. Default 60; 0 waits forever.
+    pub connect_timeout_s: Option<u64>,
+}
+
+impl ClusterSection {
+    /// How long a starting process waits for the others (None: forever).
+    pub fn connect_timeout(&self) -> Option<std::time::Duration> {
+        match self.connect_timeout_s.unwrap_or(60) {
+            0 => None,
+            s => Some(std::time::Duration::from_secs(s)),
+        }
+    }
 }
 
 /// The whole file.

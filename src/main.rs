@@ -233,21 +233,21 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     let timely = config::timely_config(&args.cluster, &file)?;
-    let liveness = if args.cluster.processes > 1 {
+    let cluster = if args.cluster.processes > 1 {
         let cluster = fruits_dataflows::liveness::Cluster {
             hosts: config::addresses(&args.cluster, &file)?,
             process: args.cluster.process,
             command: std::env::args().collect::<Vec<_>>().join(" "),
         };
         fruits_dataflows::liveness::install_panic_hook(cluster.clone());
-        let timeout = file.cluster.liveness_timeout_s.unwrap_or(60).max(1);
-        Some(fruits_dataflows::liveness::Watch::new(
-            cluster,
-            std::time::Duration::from_secs(timeout),
-        ))
+        Some(cluster)
     } else {
         None
     };
+    let liveness = cluster.clone().map(|cluster| {
+        let timeout = file.cluster.liveness_timeout_s.unwrap_or(60).max(1);
+        fruits_dataflows::liveness::Watch::new(cluster, std::time::Duration::from_secs(timeout))
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -288,11 +288,34 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let summary = (args.once && args.cluster.process == 0)
         .then(|| (options.output.clone(), options.pipeline.s3.clone()));
-    let guards = timely::execute(timely, move |worker| {
+    let work = move |worker: &mut timely::worker::Worker| {
         fruits_dataflows::run_worker(worker, &options)
             .map_err(|e| format!("worker {}: {e:#}", worker.index()))
-    })
-    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?;
+    };
+    let guards = match (&cluster, timely.communication) {
+        // The processes link up themselves, so that a missing one is named (startup.rs).
+        (
+            Some(cluster),
+            timely::CommunicationConfig::Cluster {
+                threads, report, ..
+            },
+        ) => fruits_dataflows::startup::execute(
+            cluster,
+            threads,
+            file.cluster.connect_timeout(),
+            report,
+            timely.worker,
+            work,
+        )?,
+        (_, communication) => timely::execute(
+            timely::Config {
+                communication,
+                worker: timely.worker,
+            },
+            work,
+        )
+        .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?,
+    };
     for result in guards.join() {
         result
             .map_err(|e| anyhow::anyhow!(e))?

@@ -1,5 +1,6 @@
 //! Worker and process invariance: the same images give the same statistics at -w 1,
-//! -w 4 and with 3 processes over loopback.
+//! -w 4 and with 3 processes over loopback; and the cluster's liveness: a process lost
+//! while running, or missing (or late) at startup.
 
 use crate::util::*;
 use std::process::Stdio;
@@ -193,4 +194,106 @@ fn a_stopped_process_is_given_up_on_after_the_liveness_timeout() {
         .status();
     let _ = frozen.kill();
     let _ = frozen.wait();
+}
+
+/// Two loopback addresses no process listens on (yet).
+fn two_free_addresses() -> [String; 2] {
+    // Held together so that the two ports differ, released for the processes to bind.
+    let held = [0, 1].map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().to_string())
+}
+
+/// Starts process `process` of a 2-process cluster on `hosts`, `--once` over the
+/// fixtures into `out`, with `config`.
+fn start_process(
+    process: usize,
+    hosts: &[String; 2],
+    config: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Child {
+    let hostfile = out.parent().unwrap().join(format!("hosts-{process}.txt"));
+    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
+    bin()
+        .arg("run")
+        .args(["--source", fixtures().to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap(), "--once"])
+        .args(["--model", model().to_str().unwrap()])
+        .arg("--config")
+        .arg(config)
+        .args(["-n", "2", "-p", &process.to_string()])
+        .arg("-h")
+        .arg(&hostfile)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A cluster process that never starts is named, with its address and the restart
+/// command, by the one that did, which exits with status 3 after `[cluster]
+/// connect_timeout_s`: both when the missing one is to connect to it (process 0 alone)
+/// and when it is the one to connect to (process 1 alone, refused).
+#[test]
+fn a_process_that_never_starts_is_named_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "[cluster]\nconnect_timeout_s = 3\n").unwrap();
+    let started = std::time::Instant::now();
+    // Two clusters, each with one process missing.
+    let alone = [0, 1].map(|process| {
+        let hosts = two_free_addresses();
+        let out = dir.path().join(format!("out-{process}"));
+        (
+            process,
+            start_process(process, &hosts, &config, &out),
+            hosts,
+        )
+    });
+    for (process, child, hosts) in alone {
+        let (status, stderr) = exit_of(child, std::time::Duration::from_secs(30));
+        let missing = 1 - process;
+        assert_eq!(status.code(), Some(3), "process {process}: {stderr}");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_secs(3),
+            "gave up before the timeout: {stderr}"
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert!(
+            line.contains(&format!(
+                "could not reach cluster process {missing} ({}",
+                hosts[missing]
+            )) && line.contains("within 3 s")
+                && line.contains(&format!("this process ({process}) stops"))
+                && line.contains("Restart every process with the same command"),
+            "{line}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+            "a panic report: {stderr}"
+        );
+    }
+}
+
+/// A process started late is waited for: the one started first keeps trying, and the
+/// cluster then runs as usual.
+#[test]
+fn a_process_started_late_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "[cluster]\nconnect_timeout_s = 60\n").unwrap();
+    let hosts = two_free_addresses();
+    let out = dir.path().join("out");
+    // Process 1 connects to process 0, which is not there yet: refused, retried.
+    let first = start_process(1, &hosts, &config, &out);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let second = start_process(0, &hosts, &config, &out);
+    for child in [first, second] {
+        let (status, stderr) = exit_of(child, std::time::Duration::from_secs(120));
+        assert!(status.success(), "{stderr}");
+    }
+    assert_eq!(status(&out)["images"], 40);
 }

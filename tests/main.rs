@@ -7,7 +7,8 @@ mod util;
 mod model;
 // `run --once`, status, export (read back with pyarrow), incremental == batch.
 mod pipeline;
-// Same statistics at -w 1, -w 4 and 3 processes on loopback.
+// Same statistics at -w 1, -w 4 and 3 processes on loopback; a lost, stopped, missing or
+// late process.
 mod cluster;
 // Exactly once across restarts; deletions retract.
 mod recovery;

@@ -11,7 +11,9 @@
 //! - [`replay`]: rebuilds the statistics from stored embeddings, no model;
 //! - [`classify`]: names a fruit from a photo with the live models;
 //! - [`metrics`], [`progress`]: what the stages did, for `/metrics` and the progress bar;
-//! - [`background`]: the helper thread an operator hands slow work to.
+//! - [`background`]: the helper thread an operator hands slow work to;
+//! - [`startup`], [`liveness`]: linking a cluster's processes, and stopping clearly when
+//!   one is missing at startup or lost later.
 #![warn(missing_docs)]
 
 pub mod background;
@@ -28,6 +30,7 @@ pub mod record;
 pub mod replay;
 pub mod sink;
 pub mod source;
+pub mod startup;
 pub mod state;
 pub mod stats;
 

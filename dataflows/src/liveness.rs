@@ -31,7 +31,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn describe(&self, process: usize) -> String {
+    /// "cluster process i (host:port)".
+    pub(crate) fn describe(&self, process: usize) -> String {
         match self.hosts.get(process) {
             Some(host) => format!("cluster process {process} ({host})"),
             None => format!("cluster process {process}"),
@@ -39,7 +40,7 @@ impl Cluster {
     }
 
     /// Prints the one line and exits.
-    fn give_up(&self, what: &str) -> ! {
+    pub(crate) fn give_up(&self, what: &str) -> ! {
         eprintln!(
             "error: {what}; this process ({}) stops. Restart every process with the same \
              command (`{}`, with its own -p); they resume from the last committed epoch.",
