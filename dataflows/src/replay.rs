@@ -113,7 +113,9 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
                 .into_iter()
                 .map(|(r, _)| (r.key, r.embedding, 1))
                 .collect();
-            models.fold_points(points, kmeans);
+            // Nothing else runs: the projections (k x d per point, most of this pass)
+            // use every core.
+            models.fold_points_with(points, kmeans, faer::Par::rayon(0));
         }
         Ok(())
     })?;

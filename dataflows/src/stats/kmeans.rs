@@ -65,7 +65,18 @@ pub type EpochPoint = (ImageKey, Embedding, i64);
 
 impl KMeans {
     /// Folds one epoch's points (any order) into the clustering, using `pca` for distances.
-    pub fn update(&mut self, mut points: Vec<EpochPoint>, pca: &PcaModel, config: &KMeansConfig) {
+    pub fn update(&mut self, points: Vec<EpochPoint>, pca: &PcaModel, config: &KMeansConfig) {
+        self.update_with(points, pca, config, faer::Par::Seq)
+    }
+
+    /// [`Self::update`] with the projections' matrix products run as `par` says.
+    pub fn update_with(
+        &mut self,
+        mut points: Vec<EpochPoint>,
+        pca: &PcaModel,
+        config: &KMeansConfig,
+        par: faer::Par,
+    ) {
         points.sort();
         if self.centroids.is_empty() {
             self.collect_pending(points);
@@ -81,7 +92,7 @@ impl KMeans {
         // A block at a time, so an epoch's points are never all held in f64 at once.
         for block in points.chunks(256) {
             let xs: Vec<Vec<f64>> = block.iter().map(|(_, e, _)| e.to_f64()).collect();
-            let projected_points = pca.project_many(&xs);
+            let projected_points = pca.project_many_with(&xs, par);
             for (((_, _, diff), x), p) in block.iter().zip(&xs).zip(&projected_points) {
                 let c = nearest(&projected, p);
                 counts[c] += *diff as f64;

@@ -88,8 +88,18 @@ impl Models {
     /// Folds points into the clustering under the current PCA (kept pending until there
     /// is one).
     pub fn fold_points(&mut self, points: Vec<kmeans::EpochPoint>, kmeans: &KMeansConfig) {
+        self.fold_points_with(points, kmeans, faer::Par::Seq)
+    }
+
+    /// [`Self::fold_points`] with the projections run as `par` says (same result).
+    pub fn fold_points_with(
+        &mut self,
+        points: Vec<kmeans::EpochPoint>,
+        kmeans: &KMeansConfig,
+        par: faer::Par,
+    ) {
         match &self.pca {
-            Some(model) => self.kmeans.update(points, model, kmeans),
+            Some(model) => self.kmeans.update_with(points, model, kmeans, par),
             None => self.kmeans.collect_pending(points),
         }
     }

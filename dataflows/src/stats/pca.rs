@@ -84,6 +84,12 @@ impl PcaModel {
     /// The projections of many embeddings, as one matrix product (the KMeans update
     /// projects every point of an epoch: ~10x faster than one dot product at a time).
     pub fn project_many<X: AsRef<[f64]>>(&self, xs: &[X]) -> Vec<Vec<f64>> {
+        self.project_many_with(xs, faer::Par::Seq)
+    }
+
+    /// [`Self::project_many`] with the matrix products run as `par` says (replay, where
+    /// nothing else competes for the cores, uses them all). The same numbers either way.
+    pub fn project_many_with<X: AsRef<[f64]>>(&self, xs: &[X], par: faer::Par) -> Vec<Vec<f64>> {
         // In blocks of rows: the standardized copy of a block stays small (an epoch of
         // 4096 points would otherwise need 42 MB for it), and each row's product is the
         // same whatever the block.
@@ -115,7 +121,7 @@ impl PcaModel {
                 z.as_ref(),
                 v,
                 1.0,
-                faer::Par::Seq,
+                par,
             );
             projected.extend((0..n).map(|i| (0..k).map(|c| out[(i, c)]).collect::<Vec<f64>>()));
         }
