@@ -1,8 +1,8 @@
 //! Durable state, written in proportion to what changed.
 //!
 //! Each committed epoch writes:
-//! - `state/delta-<t>.bin`: the epoch's ledger, error and per-label changes, its summary
-//!   and, while they are few, the rows its moments changed by (O(news));
+//! - `state/delta-<t>.bin`: the epoch's ledger and error changes, its summary and, while
+//!   they are few, the rows (with their labels) its statistics changed by (O(news));
 //! - `state/stats-<t>.bin`, only when due: the exact moments and per-label statistics
 //!   (fixed size, ~7 MB at d = 1280), rewritten once the rows in the deltas since the
 //!   last one outweigh it, after an epoch with many rows, and at each compaction;
@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 pub mod operator;
 
 /// 5: moments, per-label statistics and the PCA in files of their own, written when due;
-/// moment rows and per-label changes in the deltas.
+/// the rows that changed them in the deltas.
 const FORMAT: u32 = 5;
 
 /// Format 4: the whole fixed-size state in one checkpoint file, rewritten every epoch,
@@ -161,11 +161,15 @@ struct StatsBase {
     labels: BTreeMap<String, LabelStats>,
 }
 
+/// A row as the deltas keep it: its label, fixed-point embedding and diff (+1 added,
+/// −1 retracted): enough to replay the moments and the per-label statistics.
+pub type StatRow = (String, Embedding, i64);
+
 /// Where the statistics kept beside the checkpoint are.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsLog {
     /// Epoch of the last stats file (0: none yet); the deltas after it carry the rows
-    /// and per-label changes since.
+    /// since.
     pub base: Epoch,
     /// Its size in bytes.
     pub base_bytes: u64,
@@ -226,8 +230,8 @@ pub struct EpochSummary {
     pub errors: usize,
 }
 
-/// One epoch's changes to the ledger, the error records and the per-label statistics
-/// (`None`: removed), and the rows its moments changed by.
+/// One epoch's changes to the ledger and the error records (`None`: removed), and the
+/// rows its statistics changed by.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     /// Ledger changes, by key.
@@ -236,11 +240,9 @@ pub struct Delta {
     pub errors: BTreeMap<ImageKey, Option<ErrorRecord>>,
     /// The epoch's summary.
     pub summary: Option<EpochSummary>,
-    /// Per-label statistics changed in the epoch, by label.
-    pub labels: BTreeMap<String, Option<LabelStats>>,
-    /// The rows (and diffs) the epoch added to or retracted from the moments, when the
-    /// epoch wrote no stats file (see [`StatsLog`]).
-    pub rows: Vec<(Embedding, i64)>,
+    /// The rows the epoch added to or retracted from the moments and the per-label
+    /// statistics, when the epoch wrote no stats file (see [`StatsLog`]).
+    pub rows: Vec<StatRow>,
 }
 
 /// The per-image durable state: every object handed to the dataflow, and the current
@@ -407,16 +409,12 @@ impl Checkpoint {
         let mut rows = MomentsAccumulator::new(moments.dim);
         for &epoch in stored.log.deltas.iter().filter(|&&e| e > stored.stats.base) {
             let delta = read_delta(store, epoch)?;
-            for (e, diff) in &delta.rows {
+            for (label, e, diff) in &delta.rows {
                 rows.add(e, *diff);
-            }
-            for (label, stats) in delta.labels {
-                match stats {
-                    Some(s) => labels.insert(label, s),
-                    None => labels.remove(&label),
-                };
+                labels.entry(label.clone()).or_default().add(e, *diff);
             }
         }
+        labels.retain(|_, s| !s.is_zero());
         moments.merge(&rows.finish());
         let pca: Option<PcaModel> = match stored.stats.pca {
             0 => None,
@@ -515,11 +513,15 @@ impl Checkpoint {
         &mut self,
         store: &dyn OutputStore,
         delta: &mut Delta,
-        rows: Option<Vec<(Embedding, i64)>>,
+        rows: Option<Vec<StatRow>>,
     ) -> Result<()> {
         // Rows go into the delta while the deltas' rows stay below the stats file's size.
         let dim = self.models.moments.dim as u64;
-        let row_bytes = rows.as_ref().map(|r| r.len() as u64 * (4 * dim + 16));
+        let row_bytes = rows.as_ref().map(|r| {
+            r.iter()
+                .map(|(l, ..)| 4 * dim + 24 + l.len() as u64)
+                .sum::<u64>()
+        });
         let mut stats_due = self.stats.base == 0
             || row_bytes.is_none_or(|b| {
                 self.stats.row_bytes + b > self.stats.base_bytes.max(MIN_COMPACT_BYTES)
@@ -921,9 +923,18 @@ mod tests {
         let previous = loaded.files();
         loaded.epoch = 4;
         loaded.models.moments.add_row(&Embedding(vec![1, 2]), 1);
+        loaded
+            .labels
+            .get_mut("L")
+            .unwrap()
+            .add(&Embedding(vec![1, 2]), 1);
         let mut delta = Delta::default();
         loaded
-            .write_delta(&store, &mut delta, Some(vec![(Embedding(vec![1, 2]), 1)]))
+            .write_delta(
+                &store,
+                &mut delta,
+                Some(vec![("L".into(), Embedding(vec![1, 2]), 1)]),
+            )
             .unwrap();
         loaded.commit(&store, &previous).unwrap();
         let again = super::Checkpoint::load(&store).unwrap().unwrap();
@@ -970,27 +981,34 @@ mod tests {
                 labels: BTreeMap::new(),
                 errors: 0,
             });
-            // The statistics move as the commit moves them: rows into the moments, the
-            // changed label's statistics, now and then a refitted PCA; every 37th epoch
-            // has too many rows for its delta.
-            let rows: Vec<(Embedding, i64)> = (0..3)
-                .map(|i| (Embedding(vec![epoch as i32 * 1000 + i, 7 - i]), 1))
-                .chain((epoch > 1).then(|| (Embedding(vec![(epoch as i32 - 1) * 1000, 7]), -1)))
+            // The statistics move as the commit moves them: rows into the moments and
+            // their labels' statistics (a label whose rows all leave is dropped), now and
+            // then a refitted PCA; every 37th epoch has too many rows for its delta.
+            let mut rows: Vec<StatRow> = (0..3)
+                .map(|i| {
+                    let e = Embedding(vec![epoch as i32 * 1000 + i, 7 - i]);
+                    (format!("L{i}"), e, 1)
+                })
+                .chain((epoch > 1).then(|| {
+                    let e = Embedding(vec![(epoch as i32 - 1) * 1000, 7]);
+                    ("L0".to_string(), e, -1)
+                }))
                 .collect();
-            for (e, diff) in &rows {
-                checkpoint.models.moments.add_row(e, *diff);
-            }
-            let label = format!("L{}", epoch % 4);
-            let stats = LabelStats {
-                n: epoch as i64,
-                sum: vec![epoch as i64, 1],
-            };
-            checkpoint.labels.insert(label.clone(), stats.clone());
-            delta.labels.insert(label, Some(stats));
             if epoch % 29 == 0 {
-                checkpoint.labels.remove("L1");
-                delta.labels.insert("L1".into(), None);
+                rows.push(("Gone".into(), Embedding(vec![1, 1]), 1));
             }
+            if epoch % 29 == 1 && epoch > 1 {
+                rows.push(("Gone".into(), Embedding(vec![1, 1]), -1));
+            }
+            for (label, e, diff) in &rows {
+                checkpoint.models.moments.add_row(e, *diff);
+                checkpoint
+                    .labels
+                    .entry(label.clone())
+                    .or_default()
+                    .add(e, *diff);
+            }
+            checkpoint.labels.retain(|_, s| !s.is_zero());
             if epoch % 23 == 1 {
                 checkpoint.models.pca = crate::stats::pca::fit(
                     &checkpoint.models.moments,

@@ -119,7 +119,7 @@ pub fn apply(
     epoch: Epoch,
     mut items: Vec<CommitItem>,
     peers: usize,
-) -> (Delta, Option<Vec<(crate::record::Embedding, i64)>>) {
+) -> (Delta, Option<Vec<super::StatRow>>) {
     // Changes before errors: an error marks the ledger entry its change created. Label
     // retractions before additions: a changed label leaves with its old statistics and
     // enters with its new ones in the same epoch.
@@ -162,11 +162,10 @@ pub fn apply(
             CommitItem::Label(label, stats, diff) => {
                 if diff < 0 {
                     checkpoint.labels.remove(&label);
-                    delta.labels.insert(label, None);
                 } else {
-                    let stats = LabelStats::from_diff(stats);
-                    checkpoint.labels.insert(label.clone(), stats.clone());
-                    delta.labels.insert(label, Some(stats));
+                    checkpoint
+                        .labels
+                        .insert(label, LabelStats::from_diff(stats));
                 }
             }
             CommitItem::Models(fitted) => {

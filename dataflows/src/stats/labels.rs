@@ -30,6 +30,22 @@ impl LabelStats {
         (1, embedding.0.iter().map(|&v| v as i64).collect())
     }
 
+    /// Adds `diff` copies of one image (what its update adds to the collection).
+    pub fn add(&mut self, embedding: &Embedding, diff: i64) {
+        self.n += diff;
+        if self.sum.len() < embedding.0.len() {
+            self.sum.resize(embedding.0.len(), 0);
+        }
+        for (s, &v) in self.sum.iter_mut().zip(&embedding.0) {
+            *s += v as i64 * diff;
+        }
+    }
+
+    /// True when nothing is left (differential drops such a record from the collection).
+    pub fn is_zero(&self) -> bool {
+        self.n == 0 && self.sum.iter().all(|&s| s == 0)
+    }
+
     /// The statistics an accumulated difference stands for.
     pub fn from_diff((n, sum): LabelDiff) -> Self {
         LabelStats { n, sum }

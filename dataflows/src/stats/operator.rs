@@ -111,9 +111,9 @@ pub fn label_stats<'s>(
 pub struct Fitted {
     /// The models.
     pub models: Models,
-    /// The rows (and diffs) the epoch changed the moments by; `None` above
+    /// The rows the epoch changed the statistics by, with their labels; `None` above
     /// [`crate::state::DELTA_ROWS`].
-    pub rows: Option<Vec<(crate::record::Embedding, i64)>>,
+    pub rows: Option<Vec<crate::state::StatRow>>,
 }
 
 /// On worker 0: merges each complete epoch's partials (exactly, in integers) and folds
@@ -213,7 +213,10 @@ fn start_fitter(
         let rows = (points.len() <= crate::state::DELTA_ROWS).then(|| {
             points
                 .iter()
-                .map(|(_, e, diff)| (e.clone(), *diff))
+                .map(|(key, e, diff)| {
+                    let label = key.label().map(|l| l.0).unwrap_or_default();
+                    (label, e.clone(), *diff)
+                })
                 .collect()
         });
         timed("models", || {
