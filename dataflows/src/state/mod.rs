@@ -177,6 +177,10 @@ pub struct StatsLog {
     pub row_bytes: u64,
     /// Epoch of the PCA file (0: none).
     pub pca: Epoch,
+    /// The fitted epoch of the PCA in `models/pca.json` (published before the commit
+    /// point, only when it differs: a restart does not rewrite an unchanged PCA, 13.6 MB
+    /// of text at k = 498).
+    pub published_pca: Epoch,
 }
 
 /// The most moment rows an epoch's delta carries; an epoch with more (a first ingest)
@@ -817,6 +821,21 @@ pub fn live_rows(
     Ok(out)
 }
 
+/// True when `state/` holds a file of an epoch after `committed`: a commit was cut short
+/// after it began writing (each commit writes its delta or base first, then publishes the
+/// models, then its checkpoint and the pointer), so `models/` may hold what the
+/// committed state does not.
+pub fn interrupted_commit(store: &dyn OutputStore, committed: Epoch) -> bool {
+    store.list("state/").map_or(true, |names| {
+        names.iter().any(|name| {
+            name.rsplit_once('-')
+                .and_then(|(_, tail)| tail.strip_suffix(".bin"))
+                .and_then(|e| e.parse::<Epoch>().ok())
+                .is_some_and(|e| e > committed)
+        })
+    })
+}
+
 /// Removes embeddings files of epochs after the checkpoint: a crashed run's uncommitted
 /// work, which the resumed run redoes.
 pub fn discard_uncommitted(store: &dyn OutputStore, checkpoint_epoch: Epoch) -> Result<usize> {
@@ -941,6 +960,10 @@ mod tests {
         assert_eq!(again, loaded);
         assert_eq!(again.models.moments.n, 2);
         assert_eq!(Archive::load(&store, &again, |_| true).unwrap(), archive);
+        // A commit cut short leaves a file of a later epoch behind.
+        assert!(!interrupted_commit(&store, 4));
+        store.put(&delta_file(5), b"partial").unwrap();
+        assert!(interrupted_commit(&store, 4));
     }
 
     use super::*;

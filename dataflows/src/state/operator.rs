@@ -52,6 +52,11 @@ pub fn commit<'s>(
             // mid-commit still finds everything the pointer names.
             let mut previous = checkpoint.files();
             let mut first = true;
+            // A commit cut short after publishing may have left a PCA in models/ that the
+            // committed state does not know: republish it at the first commit.
+            if super::interrupted_commit(store.as_ref(), checkpoint.epoch) {
+                checkpoint.stats.published_pca = 0;
+            }
             let started = Instant::now();
             let start_images = checkpoint.images();
             move |(input, frontier), output| {
@@ -83,9 +88,10 @@ pub fn commit<'s>(
                             &checkpoint,
                             &errors,
                             !delta.errors.is_empty() || first,
-                            checkpoint.models.pca_epoch == t || first,
+                            checkpoint.stats.published_pca != checkpoint.models.pca_epoch,
                         )
                         .unwrap_or_else(|e| panic!("publishing models: {e:#}"));
+                        checkpoint.stats.published_pca = checkpoint.models.pca_epoch;
                         checkpoint
                             .commit(store.as_ref(), &previous)
                             .unwrap_or_else(|e| panic!("committing epoch {t}: {e:#}"));
