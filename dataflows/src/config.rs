@@ -15,6 +15,10 @@ pub struct SourceConfig {
     pub poll_interval_ms: u64,
     /// Most changes per epoch; statistics are published at every epoch boundary.
     pub epoch_size: usize,
+    /// Every this many listing rounds, list every folder (local sources skip folders
+    /// whose directory mtime has not moved; a file rewritten in place is seen at the next
+    /// full round). 1: every round is full.
+    pub full_listing_every: u64,
 }
 
 impl Default for SourceConfig {
@@ -22,6 +26,7 @@ impl Default for SourceConfig {
         SourceConfig {
             poll_interval_ms: 2000,
             epoch_size: 2048,
+            full_listing_every: 30,
         }
     }
 }
@@ -54,6 +59,10 @@ impl PipelineConfig {
         anyhow::ensure!(
             self.source.epoch_size > 0,
             "[source] epoch_size must be positive"
+        );
+        anyhow::ensure!(
+            self.source.full_listing_every > 0,
+            "[source] full_listing_every must be positive"
         );
         anyhow::ensure!(
             self.pca.variance > 0.0 && self.pca.variance <= 1.0,

@@ -17,7 +17,7 @@ use crate::stats::operator::{label_stats, models, moment_partials};
 use crate::stats::LabelDiff;
 use anyhow::{Context, Result};
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -212,6 +212,9 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let mut cutter = (index == 0).then(|| EpochCutter::new(options.once));
     let mut progress = (index == 0).then(|| Progress::new(options.single_process));
     let poll = Duration::from_millis(config.source.poll_interval_ms);
+    // This worker's folders as last listed, and the listing rounds so far.
+    let mut stamps = crate::source::FolderStamps::new();
+    let mut listings: u64 = 0;
     loop {
         // 1. A listing round, when worker 0's queue is empty (only the first with --once).
         // Stopping: finish what is queued, list nothing new.
@@ -219,16 +222,20 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         let wants = cutter.as_ref().map(|c| c.wants_listing() && !stopping);
         let due = rounds.broadcast(worker, wants);
         if due {
-            let listing = match source.list_share(index, peers) {
+            // Every worker counts the same rounds, so all agree on which ones are full.
+            let full = listings % config.source.full_listing_every == 0;
+            listings += 1;
+            let listing = match source.list_share_changed(index, peers, &mut stamps, full) {
                 Ok(objects) => Some(objects),
                 Err(e) => {
                     tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying next round.");
+                    stamps.clear();
                     None
                 }
             };
             // A round with a failed listing is not diffed anywhere: it would delete.
-            if let Some(owned) = rounds.to_owners(worker, listing) {
-                let changes = shard.borrow_mut().diff(&owned);
+            if let Some((owned, unchanged)) = rounds.to_owners(worker, listing) {
+                let changes = shard.borrow_mut().diff_except(&owned, &unchanged);
                 let gathered = rounds.to_worker_zero(worker, changes);
                 if let Some(cutter) = cutter.as_mut() {
                     cutter.offer(gathered, owned.len());
@@ -307,6 +314,8 @@ enum Round {
     Object(ListedObject),
     /// A lister to all: its listing failed, so nobody diffs this round.
     Failed,
+    /// A lister to all: a folder it skipped as unchanged (its keys stand as listed).
+    Unchanged(String),
     /// An owner to worker 0: a change its diff found.
     Change(Change),
 }
@@ -403,24 +412,32 @@ impl Rounds {
     fn to_owners(
         &mut self,
         worker: &mut Worker,
-        listing: Option<Vec<ListedObject>>,
-    ) -> Option<Vec<ListedObject>> {
+        listing: Option<(Vec<ListedObject>, Vec<String>)>,
+    ) -> Option<(Vec<ListedObject>, HashSet<String>)> {
         match listing {
-            Some(objects) => objects
-                .into_iter()
-                .for_each(|o| self.to_owner.send((self.round, Round::Object(o)))),
+            Some((objects, unchanged)) => {
+                objects
+                    .into_iter()
+                    .for_each(|o| self.to_owner.send((self.round, Round::Object(o))));
+                unchanged
+                    .into_iter()
+                    .for_each(|f| self.to_all.send((self.round, Round::Unchanged(f))));
+            }
             None => self.to_all.send((self.round, Round::Failed)),
         }
-        let mut owned = Vec::new();
+        let (mut owned, mut unchanged) = (Vec::new(), HashSet::new());
         for r in self.finish(worker) {
             match r {
                 Round::Object(o) => owned.push(o),
+                Round::Unchanged(f) => {
+                    unchanged.insert(f);
+                }
                 Round::Failed => return None,
                 _ => {}
             }
         }
         owned.sort();
-        Some(owned)
+        Some((owned, unchanged))
     }
 
     /// Sends this worker's changes to worker 0; returns what worker 0 gathered (empty

@@ -47,6 +47,16 @@ impl Shard {
     /// Changes that bring the shard to `listing` (this owner's objects of one complete
     /// listing round), in key order, and records them as listed.
     pub fn diff(&mut self, listing: &[ListedObject]) -> Vec<Change> {
+        self.diff_except(listing, &HashSet::new())
+    }
+
+    /// [`Self::diff`] for a round that skipped the folders in `unchanged`: their keys stay
+    /// as last listed.
+    pub fn diff_except(
+        &mut self,
+        listing: &[ListedObject],
+        unchanged: &HashSet<String>,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut listed = HashSet::with_capacity(listing.len());
         for obj in listing {
@@ -64,7 +74,12 @@ impl Shard {
             }
         }
         for (key, entry) in self.entries.iter_mut() {
-            if entry.listed.is_some() && !listed.contains(key) {
+            let skipped = || {
+                key.0
+                    .split_once('/')
+                    .is_some_and(|(folder, _)| unchanged.contains(folder))
+            };
+            if entry.listed.is_some() && !listed.contains(key) && !skipped() {
                 entry.listed = None;
                 changes.push(Change {
                     key: key.clone(),

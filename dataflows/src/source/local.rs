@@ -7,6 +7,9 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
+/// How long a folder's mtime must be in the past before it is trusted as a stamp.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A local archive rooted at a directory.
 pub struct LocalDir {
     root: PathBuf,
@@ -126,6 +129,54 @@ impl Source for LocalDir {
         Ok((folders, files))
     }
 
+    /// A label folder's entries change its directory's mtime (a file added, removed or
+    /// renamed over), so a folder whose mtime is what it was at its last full listing is
+    /// skipped. Not seen that way: a file rewritten in place (same name, no rename) and
+    /// changes in nested folders; `full` rounds (every `[source] full_listing_every`)
+    /// catch the first, and folders with subfolders are always listed. A stamp is kept
+    /// only once the folder has been still for [`SETTLED`] (file times are coarse: a file
+    /// added in the same tick as the listing would not move the mtime).
+    fn list_share_changed(
+        &self,
+        index: usize,
+        peers: usize,
+        seen: &mut super::FolderStamps,
+        full: bool,
+    ) -> Result<(Vec<ListedObject>, Vec<String>)> {
+        let (folders, files) = self.list_top()?;
+        let mut out = if index == 0 { files } else { Vec::new() };
+        let mut skipped = Vec::new();
+        let mine: Vec<&String> = folders
+            .iter()
+            .filter(|f| super::folder_owner(f, peers) == index)
+            .collect();
+        seen.retain(|f, _| mine.iter().any(|m| *m == f));
+        let now = std::time::SystemTime::now();
+        for folder in mine {
+            let modified = std::fs::metadata(self.root.join(folder)).and_then(|m| m.modified());
+            let stamp = modified
+                .ok()
+                .and_then(|t| Some((t, t.duration_since(UNIX_EPOCH).ok()?.as_nanos())));
+            if let (false, Some((_, ns))) = (full, stamp) {
+                if seen.get(folder) == Some(&ns) {
+                    skipped.push(folder.clone());
+                    continue;
+                }
+            }
+            let listed = self.list_folder(folder)?;
+            let flat = listed.iter().all(|o| o.key.0.matches('/').count() == 1);
+            let settled =
+                stamp.filter(|(t, _)| now.duration_since(*t).is_ok_and(|age| age >= SETTLED));
+            match settled {
+                Some((_, ns)) if flat => seen.insert(folder.clone(), ns),
+                _ => seen.remove(folder),
+            };
+            out.extend(listed);
+        }
+        out.sort();
+        Ok((out, skipped))
+    }
+
     fn list_folder(&self, folder: &str) -> Result<Vec<ListedObject>> {
         let mut out = Vec::new();
         self.walk(&self.root.join(folder), folder, &mut out)?;
@@ -184,5 +235,51 @@ mod tests {
     fn missing_directory_is_a_clear_error() {
         let err = LocalDir::open("/definitely/not/here").err().unwrap();
         assert!(format!("{err:#}").contains("/definitely/not/here"));
+    }
+
+    /// A settled folder whose mtime has not moved is skipped (its keys stand, so the
+    /// ledger diff deletes nothing); adding a file moves the mtime and it is listed again;
+    /// a full round lists everything.
+    #[test]
+    fn unchanged_folders_are_skipped_until_they_change_or_a_full_round() {
+        use crate::source::{FolderStamps, Shard};
+        let dir = tempfile::tempdir().unwrap();
+        for label in ["A", "B"] {
+            std::fs::create_dir_all(dir.path().join(label)).unwrap();
+            std::fs::write(dir.path().join(label).join("1.jpg"), b"x").unwrap();
+        }
+        let src = LocalDir::open(dir.path()).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let settle = |label: &str| {
+            let f = std::fs::File::open(dir.path().join(label)).unwrap();
+            f.set_modified(old).unwrap();
+        };
+        settle("A");
+        settle("B");
+        let mut seen = FolderStamps::new();
+        let mut shard = Shard::default();
+        let (all, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
+        assert_eq!((all.len(), skipped.len()), (2, 0));
+        assert_eq!(shard.diff(&all).len(), 2);
+        // Nothing moved: both skipped, nothing deleted.
+        let (none, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(skipped, ["A", "B"]);
+        let unchanged = skipped.into_iter().collect();
+        assert!(shard.diff_except(&none, &unchanged).is_empty());
+        // A file lands in B: B is listed again (its mtime moved), A still skipped.
+        std::fs::write(dir.path().join("B").join("2.jpg"), b"y").unwrap();
+        let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
+        assert_eq!(skipped, ["A"]);
+        let keys: Vec<_> = listed.iter().map(|o| o.key.0.as_str()).collect();
+        assert_eq!(keys, ["B/1.jpg", "B/2.jpg"]);
+        let changes = shard.diff_except(&listed, &skipped.into_iter().collect());
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        // B is not settled yet (just modified): listed every round until it is.
+        let (listed, _) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
+        assert_eq!(listed.len(), 2);
+        // A full round lists A too.
+        let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, true).unwrap();
+        assert_eq!((listed.len(), skipped.len()), (3, 0));
     }
 }

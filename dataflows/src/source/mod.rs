@@ -12,6 +12,10 @@ use anyhow::Result;
 pub use ledger::Shard;
 pub use local::LocalDir;
 
+/// Per label folder, the change stamp it had when a worker last listed it in full (see
+/// [`Source::list_share_changed`]).
+pub type FolderStamps = std::collections::HashMap<String, u128>;
+
 /// One object seen by a listing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ListedObject {
@@ -47,6 +51,19 @@ pub trait Source: Send + Sync {
         }
         out.sort();
         Ok(out)
+    }
+    /// [`Self::list_share`], skipping folders that cannot have changed since `seen`
+    /// recorded them (unless `full`): returns the listing and the skipped folders, whose
+    /// objects stand as last listed. The default lists everything (object stores have no
+    /// folder change stamp).
+    fn list_share_changed(
+        &self,
+        index: usize,
+        peers: usize,
+        _seen: &mut FolderStamps,
+        _full: bool,
+    ) -> Result<(Vec<ListedObject>, Vec<String>)> {
+        Ok((self.list_share(index, peers)?, Vec::new()))
     }
     /// The bytes of one object.
     fn read(&self, key: &ImageKey) -> Result<Vec<u8>>;
