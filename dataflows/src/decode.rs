@@ -314,13 +314,21 @@ impl Preprocess {
 
     /// Writes the normalised NCHW tensor of `size`x`size` RGB pixels into `out`.
     pub fn normalize_into(&self, pixels: &[u8], out: &mut Vec<f32>) {
+        out.clear();
+        self.normalize_append(pixels, out);
+    }
+
+    /// Appends the normalised NCHW tensor of `pixels` to `out` (a batch is its images'
+    /// tensors end to end).
+    pub fn normalize_append(&self, pixels: &[u8], out: &mut Vec<f32>) {
         let plane = (self.size * self.size) as usize;
         debug_assert_eq!(pixels.len(), 3 * plane);
-        out.clear();
-        out.resize(3 * plane, 0.0);
+        let start = out.len();
+        out.resize(start + 3 * plane, 0.0);
+        let image = &mut out[start..];
         for (i, p) in pixels.chunks_exact(3).enumerate() {
             for c in 0..3 {
-                out[c * plane + i] = (p[c] as f32 - self.mean[c]) / self.std[c];
+                image[c * plane + i] = (p[c] as f32 - self.mean[c]) / self.std[c];
             }
         }
     }

@@ -457,16 +457,13 @@ impl Embedder {
     /// Embeds `size`x`size` RGB pixels from [`Preparer::prepare`]. The input tensor is
     /// this embedder's own, reused from image to image.
     pub fn embed_pixels(&mut self, pixels: &[u8]) -> Result<Embedding, EmbedError> {
-        let mut tensor = std::mem::take(&mut self.tensor);
-        self.preprocess.normalize_into(pixels, &mut tensor);
-        let result = timed("embed", || self.run_tensor(&tensor));
-        self.tensor = tensor;
-        let model_err = |reason: String| EmbedError {
-            kind: ErrorKind::Model,
-            reason,
-        };
-        let outputs = result.map_err(|e| model_err(format!("model failed: {e:#}")))?;
-        Embedding::quantize(&outputs[0]).map_err(model_err)
+        match self.run_batch(&[pixels]) {
+            Ok(mut one) => one.swap_remove(0),
+            Err(e) => Err(EmbedError {
+                kind: ErrorKind::Model,
+                reason: format!("model failed: {e:#}"),
+            }),
+        }
     }
 
     /// Embeds several images' pixels, `[inference] batch` per model run on onnxruntime
@@ -496,14 +493,13 @@ impl Embedder {
         }
     }
 
-    /// One model run over `pixels`: the quantized first output of each image.
+    /// One model run over `pixels` (one image, or a batch on onnxruntime): the quantized
+    /// first output of each image. The input tensor is this embedder's own, reused.
     fn run_batch(&mut self, pixels: &[&[u8]]) -> Result<Vec<Result<Embedding, EmbedError>>> {
         let mut tensor = std::mem::take(&mut self.tensor);
-        let mut one = Vec::new();
         tensor.clear();
         for p in pixels {
-            self.preprocess.normalize_into(p, &mut one);
-            tensor.extend_from_slice(&one);
+            self.preprocess.normalize_append(p, &mut tensor);
         }
         let result = timed("embed", || self.run_tensor(&tensor));
         self.tensor = tensor;
