@@ -39,15 +39,16 @@ const FORMAT: u32 = 5;
 mod v4 {
     use super::*;
 
+    /// Generic over the models' layout: format 3 is the same file with older models.
     #[derive(Serialize, Deserialize)]
-    pub struct Checkpoint {
+    pub struct Checkpoint<M = Models> {
         pub format: u32,
         pub epoch: Epoch,
         pub source: String,
         pub labels: BTreeMap<String, LabelStats>,
         pub errors: usize,
         pub errors_by_kind: BTreeMap<String, usize>,
-        pub models: Models,
+        pub models: M,
         pub log: Log,
         pub embed: EmbedConfig,
     }
@@ -101,18 +102,8 @@ mod v3 {
         pub kmeans: KMeans,
     }
 
-    #[derive(Serialize, Deserialize)]
-    pub struct Checkpoint {
-        pub format: u32,
-        pub epoch: Epoch,
-        pub source: String,
-        pub labels: BTreeMap<String, LabelStats>,
-        pub errors: usize,
-        pub errors_by_kind: BTreeMap<String, usize>,
-        pub models: Models,
-        pub log: Log,
-        pub embed: EmbedConfig,
-    }
+    /// A format-3 checkpoint: format 4's layout with these models.
+    pub type Checkpoint = super::v4::Checkpoint<Models>;
 
     impl From<Checkpoint> for super::v4::Checkpoint {
         /// The PCA of a format-3 checkpoint was fitted at its epoch (every epoch refitted).
@@ -175,7 +166,7 @@ pub struct StatsLog {
     pub base_bytes: u64,
     /// Bytes of moment rows in the deltas after it.
     pub row_bytes: u64,
-    /// Epoch of the PCA file (0: none).
+    /// Epoch of the PCA file, the fit at `pca_epoch` (0: never fitted).
     pub pca: Epoch,
     /// The fitted epoch of the PCA in `models/pca.json` (published before the commit
     /// point, only when it differs: a restart does not rewrite an unchanged PCA, 13.6 MB
@@ -400,8 +391,8 @@ impl Checkpoint {
         Ok(Some(checkpoint))
     }
 
-    /// A format-5 checkpoint with its statistics: the stats file, the rows and label
-    /// changes of the deltas after it, and the PCA file.
+    /// A format-5 checkpoint with its statistics: the stats file, the rows of the deltas
+    /// after it, and the PCA file.
     fn assemble(store: &dyn OutputStore, stored: Stored) -> Result<Checkpoint> {
         anyhow::ensure!(
             stored.stats.base > 0,
@@ -422,7 +413,7 @@ impl Checkpoint {
         moments.merge(&rows.finish());
         let pca: Option<PcaModel> = match stored.stats.pca {
             0 => None,
-            e => Some(read(store, &pca_file(e))?),
+            e => read(store, &pca_file(e))?,
         };
         Ok(Checkpoint {
             format: FORMAT,
@@ -559,11 +550,11 @@ impl Checkpoint {
         } else {
             self.stats.row_bytes += row_bytes.unwrap_or(0);
         }
-        if let Some(pca) = &self.models.pca {
-            if self.stats.pca != self.models.pca_epoch {
-                store.put(&pca_file(self.models.pca_epoch), &bincode::serialize(pca)?)?;
-                self.stats.pca = self.models.pca_epoch;
-            }
+        // The PCA as fitted, `None` included (a refit after every image left has none).
+        if self.stats.pca != self.models.pca_epoch {
+            let pca = bincode::serialize(&self.models.pca)?;
+            store.put(&pca_file(self.models.pca_epoch), &pca)?;
+            self.stats.pca = self.models.pca_epoch;
         }
         Ok(())
     }
@@ -1039,6 +1030,11 @@ mod tests {
                 );
                 checkpoint.models.pca_epoch = epoch;
             }
+            // A refit that found too few images leaves no PCA, and that persists too.
+            if epoch == 290 {
+                checkpoint.models.pca = None;
+                checkpoint.models.pca_epoch = epoch;
+            }
             checkpoint.epoch = epoch;
             let before = checkpoint.log.history.len();
             let rows = (epoch % 37 != 0).then_some(rows);
@@ -1047,7 +1043,7 @@ mod tests {
             expected.apply(&delta);
             checkpoint.commit(&store, &previous).unwrap();
             previous = checkpoint.files();
-            if epoch % 50 == 0 {
+            if epoch % 50 == 0 || epoch == 290 {
                 assert_eq!(Checkpoint::load(&store).unwrap().unwrap(), checkpoint);
             }
         }
