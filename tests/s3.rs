@@ -604,3 +604,50 @@ fn export_to_a_denied_or_unreachable_destination_fails_clearly() {
         .env("AWS_REGION", "us-east-1");
     failed(unreachable.output().unwrap(), csv, "dispatch failure");
 }
+
+/// Tailing an object store lists new folders at once and each known folder once per
+/// cycle of `full_listing_every` rounds (the first round of a cycle lists everything),
+/// so LIST requests per poll do not grow with the archive; a skipped folder's objects
+/// stand as listed.
+#[test]
+fn tailing_rounds_relist_each_known_folder_once_per_cycle() {
+    use fruits_dataflows::source::{s3::S3Dir, FolderStamps, ListingRound, Source};
+    let server = Server::start();
+    server.upload_fixtures("archive", 0..1);
+    let source = S3Dir::open("s3://fruit/archive", &server.config()).unwrap();
+    let (folders, _) = source.list_top().unwrap();
+    assert!(folders.len() >= 3, "{folders:?}");
+    let every = 4;
+    let round = |number| ListingRound { number, every };
+    let mut seen = FolderStamps::new();
+    let (all, skipped) = source.list_share_changed(0, 1, &mut seen, round(0)).unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!(all.len(), folders.len());
+    // Over the rest of the cycle each folder is listed exactly once.
+    let mut listed_in_cycle: Vec<String> = Vec::new();
+    for number in 1..every {
+        let (listed, skipped) = source.list_share_changed(0, 1, &mut seen, round(number)).unwrap();
+        let mut here: Vec<String> = listed
+            .iter()
+            .map(|o| o.key.0.split('/').next().unwrap().to_string())
+            .collect();
+        here.dedup();
+        assert_eq!(here.len() + skipped.len(), folders.len());
+        listed_in_cycle.extend(here);
+    }
+    // Round `every` starts a new cycle (listed in full), so the turns are rounds 1..every
+    // for folders whose hash is not 0 mod every; the rest wait for the full round.
+    let mut expected: Vec<String> = folders
+        .iter()
+        .filter(|f| !round(0).turn_of(f))
+        .cloned()
+        .collect();
+    listed_in_cycle.sort();
+    expected.sort();
+    assert_eq!(listed_in_cycle, expected);
+    // A new folder is listed in the next round, whatever its turn.
+    let bytes = std::fs::read(fixtures().join("Kiwi 1/0_100.jpg")).unwrap();
+    server.store("archive").put("Brand New 1/a.jpg", &bytes).unwrap();
+    let (listed, _) = source.list_share_changed(0, 1, &mut seen, round(every + 1)).unwrap();
+    assert!(listed.iter().any(|o| o.key.0 == "Brand New 1/a.jpg"), "{listed:?}");
+}

@@ -1,6 +1,6 @@
 //! The ingest dataflow, on one screen: source → embed → statistics → sinks → commit.
 //! Start reading here. Each worker runs [`run_worker`]: every worker lists the folders it
-//! owns and diffs the keys it owns against its ledger shard; worker 0 cuts the changes
+//! owns and diffs the keys it owns against its arranged ledger (differential); worker 0 cuts the changes
 //! into epochs; every worker embeds the keys it owns; per-label statistics are a
 //! differential collection; worker 0 merges the moments and commits each epoch.
 
@@ -10,7 +10,7 @@ use crate::embed::{EmbedConfig, Embedder};
 use crate::progress::Progress;
 use crate::record::{Change, Epoch};
 use crate::sink::{operator::parquet, OutputStore};
-use crate::source::{ListedObject, Shard, Source};
+use crate::source::{Ledger, ListedObject, Source};
 use crate::state::operator::{commit, CommitItem};
 use crate::state::{discard_uncommitted, Archive, Checkpoint};
 use crate::stats::operator::{label_stats, models, moment_partials};
@@ -112,7 +112,13 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     // This worker's part of the ledger; worker 0 also keeps the error records.
     let archive = Archive::load(store.as_ref(), &checkpoint, |k| k.owner(peers) == index)
         .context("restoring the ledger")?;
-    let shard = Rc::new(RefCell::new(Shard::restore(&archive.ledger)));
+    // Where this worker's committed rows are, for the embed stage.
+    let stored: crate::embed::operator::Stored = archive
+        .ledger
+        .iter()
+        .filter(|(_, e)| e.embedded)
+        .map(|(k, e)| (k.clone(), e.location))
+        .collect();
     // Only worker 0's commit folds error records in.
     let errors = if index == 0 {
         archive.errors
@@ -122,7 +128,8 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     tracing::debug!(
         stage = "state",
         worker = index,
-        keys = shard.borrow().len(),
+        keys = archive.ledger.len(),
+        rows = stored.len(),
         "Ledger shard restored."
     );
 
@@ -141,7 +148,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             source.clone(),
             store.clone(),
             embedder,
-            shard.clone(),
+            stored,
         );
         // (ImageRow, Epoch, diff): the differential collection of live images.
         let rows = outcomes.clone().flat_map(|o| match o {
@@ -189,7 +196,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
 
     // Listing rounds, three steps each (see `Round`): worker 0 says whether a listing is
     // due; every worker lists the label folders it owns and sends each object to its
-    // key's owner, which diffs it against its ledger shard; the owners send their changes
+    // key's owner, which diffs it against its arranged ledger; the owners send their changes
     // to worker 0, which cuts them into epochs in a stable order (so epochs do not depend
     // on the worker count).
     let heartbeat = options
@@ -197,6 +204,11 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         .as_ref()
         .map(|watch| crate::liveness::Heartbeat::new(worker, watch));
     let mut rounds = Rounds::new(worker, heartbeat);
+    // The versions enter the arranged ledger at the first round.
+    rounds
+        .ledger
+        .restore(archive.ledger.iter().map(|(k, e)| (k, e.version.as_str())));
+    drop(archive.ledger);
 
     let mut epoch = checkpoint.epoch + 1;
     changes_in.advance_to(epoch);
@@ -223,9 +235,12 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         let due = rounds.broadcast(worker, wants);
         if due {
             // Every worker counts the same rounds, so all agree on which ones are full.
-            let full = listings % config.source.full_listing_every == 0;
+            let round = crate::source::ListingRound {
+                number: listings,
+                every: config.source.full_listing_every,
+            };
             listings += 1;
-            let listing = match source.list_share_changed(index, peers, &mut stamps, full) {
+            let listing = match source.list_share_changed(index, peers, &mut stamps, round) {
                 Ok(objects) => Some(objects),
                 Err(e) => {
                     tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying next round.");
@@ -235,7 +250,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             };
             // A round with a failed listing is not diffed anywhere: it would delete.
             if let Some((owned, unchanged)) = rounds.to_owners(worker, listing) {
-                let changes = shard.borrow_mut().diff_except(&owned, &unchanged);
+                let changes = rounds.ledger.diff_except(&owned, &unchanged);
                 let gathered = rounds.to_worker_zero(worker, changes);
                 if let Some(cutter) = cutter.as_mut() {
                     cutter.offer(gathered, owned.len());
@@ -334,6 +349,9 @@ struct Rounds {
     received: Rc<RefCell<Vec<(u64, Round)>>>,
     round: u64,
     heartbeat: Option<crate::liveness::Heartbeat>,
+    /// This worker's part of the ledger, arranged in this dataflow (its updates are at
+    /// the round that diffed them).
+    ledger: Ledger,
 }
 
 impl Rounds {
@@ -346,7 +364,7 @@ impl Rounds {
         let probe = ProbeHandle::new();
         let received = Rc::new(RefCell::new(Vec::new()));
         let peers = worker.peers() as u64;
-        worker.dataflow::<u64, _, _>(|scope| {
+        let ledger = worker.dataflow::<u64, _, _>(|scope| {
             let sink = received.clone();
             let all = scope.input_from(&mut to_all).broadcast();
             let owners = scope
@@ -360,6 +378,7 @@ impl Rounds {
                 .concatenate(vec![all, owners, zero])
                 .inspect(move |r: &(u64, Round)| sink.borrow_mut().push(r.clone()))
                 .probe_with(&probe);
+            Ledger::new(scope, &probe)
         });
         Rounds {
             to_all,
@@ -369,6 +388,7 @@ impl Rounds {
             received,
             round: 0,
             heartbeat,
+            ledger,
         }
     }
 
@@ -386,6 +406,7 @@ impl Rounds {
         for input in [&mut self.to_all, &mut self.to_owner, &mut self.to_zero] {
             input.advance_to(self.round);
         }
+        self.ledger.advance_to(self.round);
         while self.probe.less_than(&self.round) {
             self.step(worker, Duration::from_millis(100));
         }

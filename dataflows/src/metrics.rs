@@ -30,6 +30,8 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Changes (new, rewritten, deleted objects) handed to the dataflow by the lister.
     pub discovered: Counter,
+    /// LIST requests (pages) sent to object stores.
+    pub list_requests: Counter,
     /// Changes whose epoch has committed.
     pub processed: Counter,
     /// Discovered but not yet committed changes: the backlog.
@@ -69,6 +71,11 @@ impl Metrics {
             "changes_discovered",
             "Changes found by listing the source",
             self.discovered.clone(),
+        );
+        r.register(
+            "list_requests",
+            "LIST requests (pages) sent to object stores by this process",
+            self.list_requests.clone(),
         );
         r.register(
             "changes_processed",

@@ -1,19 +1,18 @@
-//! The embed stage as a timely operator. Each worker owns the keys that hash to it. A
-//! deletion or rewrite retracts exactly the row that was added, read back from the
-//! embeddings file the ledger shard names (the CNN never re-runs on a vanished object,
-//! and no embedding stays in memory beyond the two epochs that may not be written yet).
+//! The embed stage as a timely operator. Each worker owns the keys that hash to it, and
+//! knows where each owned key's row is stored ([`Stored`]): a deletion or rewrite
+//! retracts exactly the row that was added, read back from that embeddings file (the CNN
+//! never re-runs on a vanished object, and no embedding stays in memory beyond the two
+//! epochs that may not be written yet).
 
 use super::Embedder;
 use crate::background::Background;
 use crate::metrics::{metrics, timed};
 use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, Label};
 use crate::sink::OutputStore;
-use crate::source::{Shard, Source};
+use crate::source::Source;
 use crate::state::Location;
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::rc::Rc;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -33,7 +32,7 @@ pub enum Outcome {
 }
 
 /// Routes each change to its owner, embeds additions and retracts what deletions remove.
-/// `shard` is this worker's part of the ledger: where each owned key's row is stored.
+/// `stored` is where each key this worker owns has its committed row.
 ///
 /// Received changes are cut into chunks. A prefetch thread fetches and decodes the
 /// next chunk while this worker runs the CNN on the current one, so object-store latency
@@ -46,14 +45,14 @@ pub fn embed<'s>(
     source: Arc<dyn Source>,
     store: Arc<dyn OutputStore>,
     mut embedder: Embedder,
-    shard: Rc<RefCell<Shard>>,
+    stored: Stored,
 ) -> StreamVec<'s, Epoch, Outcome> {
     let peers = changes.scope().peers() as u64;
     let scope = changes.scope();
     let worker = scope.worker();
     let part = scope.index() as u32;
     let mut rows = Rows {
-        shard,
+        stored,
         recent: HashMap::new(),
         store,
         source: source.clone(),
@@ -161,11 +160,18 @@ fn prepare(changes: Vec<Change>, source: &dyn Source, preparer: &super::Preparer
     Prepared { changes, pixels }
 }
 
-/// Where this worker's rows are: the ledger shard for committed epochs, plus the rows
-/// of the two epochs that may not be written yet (the driver keeps at most two in
-/// flight), so a key changed twice in quick succession still retracts what was added.
+/// Where the rows of the keys a worker owns are stored (the file of the epoch that
+/// embedded each one's current version). Keyed state, but not a differential
+/// arrangement: it is read and written by this operator alone, in epoch order, while it
+/// embeds, and an arrangement would show an epoch's locations only once the epoch is
+/// complete, too late for a key rewritten in the next epoch.
+pub type Stored = HashMap<ImageKey, Location>;
+
+/// Where this worker's rows are: [`Stored`] for committed epochs, plus the rows of the
+/// two epochs that may not be written yet (the driver keeps at most two in flight), so a
+/// key changed twice in quick succession still retracts what was added.
 struct Rows {
-    shard: Rc<RefCell<Shard>>,
+    stored: Stored,
     recent: HashMap<ImageKey, (Epoch, ImageRow)>,
     store: Arc<dyn OutputStore>,
     source: Arc<dyn Source>,
@@ -180,9 +186,8 @@ impl Rows {
         self.recent.retain(|_, (e, _)| *e + 1 >= epoch);
         let mut out = Vec::new();
         let mut by_file: BTreeMap<Location, Vec<ImageKey>> = BTreeMap::new();
-        let mut shard = self.shard.borrow_mut();
         for change in changes {
-            let stored = shard.take_stored(&change.key);
+            let stored = self.stored.remove(&change.key);
             if let Some((_, row)) = self.recent.remove(&change.key) {
                 out.push(row);
             } else if let Some(location) = stored {
@@ -192,7 +197,6 @@ impl Rows {
                     .push(change.key.clone());
             }
         }
-        drop(shard);
         for (location, keys) in by_file {
             out.extend(timed("retract", || self.read_back(location, &keys)));
         }
@@ -236,7 +240,7 @@ impl Rows {
             epoch,
             part: self.part,
         };
-        self.shard.borrow_mut().set_stored(&row.key, location);
+        self.stored.insert(row.key.clone(), location);
         self.recent.insert(row.key.clone(), (epoch, row.clone()));
     }
 }

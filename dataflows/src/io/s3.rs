@@ -228,6 +228,7 @@ impl S3Prefix {
                     req.send()
                 })
                 .await?;
+            crate::metrics::metrics().list_requests.inc();
             objects.extend(page.contents().iter().cloned());
             prefixes.extend(
                 page.common_prefixes()

@@ -1,121 +1,211 @@
-//! The ingestion ledger, sharded by key owner: each worker holds the entries of the keys
-//! it owns (`key.owner(peers)`), so the listing diff runs at the owners and the ledger
-//! spreads over the cluster as processes are added. Diffing a round's listing against a
-//! shard yields exactly the new, rewritten and deleted objects, so an object is ingested
-//! once per version, also across restarts (the shard is rebuilt from the committed
-//! base + delta log). The shard also holds where each committed row is stored, which is
-//! all the embed stage needs to retract it: no embedding is held in memory.
+//! The ingestion ledger, a differential arrangement sharded by key owner: each worker
+//! arranges `(key, version hash)` for the keys it owns (`key.owner(peers)`), so the
+//! listing diff runs at the owners and the ledger spreads over the cluster as processes
+//! are added. A round's diff is a merge of the owner's sorted listing against a cursor
+//! over the arranged trace: it yields exactly the new, rewritten and deleted objects, and
+//! feeds them back into the arrangement as updates (`-1` for the old version, `+1` for
+//! the new one) at the round's time, so an object is ingested once per version, also
+//! across restarts (the arrangement is rebuilt from the committed base + delta log).
+//! The trace's logical compaction follows the rounds, so it holds one entry per live key,
+//! not the history of listings.
+//!
+//! Where each key's row is stored is not in this arrangement: it is written by the embed
+//! stage, in the ingest dataflow, at epoch times that the listing rounds do not share;
+//! the embed stage keeps it ([`crate::embed::operator`]), so retracting a row needs no
+//! embedding in memory.
 
 use super::ListedObject;
 use crate::record::{Change, ChangeKind, ImageKey};
-use crate::state::{LedgerEntry, Location};
-use std::collections::{HashMap, HashSet};
+use differential_dataflow::operators::arrange::{arrangement::arrange_core, TraceAgent};
+use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use differential_dataflow::trace::{cursor::cursor_list, Cursor, TraceReader};
+use std::collections::HashSet;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::{InputHandleVec, ProbeHandle, Scope};
+use timely::progress::Antichain;
 
-/// What a shard knows of one owned key.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Entry {
-    /// The version the last accepted listing showed, as its 64-bit hash (None:
-    /// deleted): the shard is the per-image state a worker holds, and the version
-    /// strings (size and mtime, or an ETag) were a third of it.
-    listed: Option<u64>,
-    /// Where its current row is stored (None: no row, or quarantined).
-    stored: Option<Location>,
+/// A round of listing (the time of the ledger's updates).
+pub type Round = u64;
+/// An update of the arranged ledger: `((key, version hash), round, diff)`.
+type Update = ((ImageKey, u64), Round, isize);
+/// The arranged ledger of one worker.
+type Trace = TraceAgent<ValSpine<ImageKey, u64, Round, isize>>;
+
+/// One worker's part of the ledger: its input and its arrangement.
+pub struct Ledger {
+    input: InputHandleVec<Round, Update>,
+    trace: Trace,
 }
 
-/// One worker's part of the ledger.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Shard {
-    entries: HashMap<ImageKey, Entry>,
-}
-
-impl Shard {
-    /// The shard of a committed ledger (entries already filtered to this owner).
-    pub fn restore<'a>(ledger: impl IntoIterator<Item = (&'a ImageKey, &'a LedgerEntry)>) -> Self {
-        let entries = ledger
-            .into_iter()
-            .map(|(key, e)| {
-                let entry = Entry {
-                    listed: Some(version_hash(&e.version)),
-                    stored: e.embedded.then_some(e.location),
-                };
-                (key.clone(), entry)
-            })
-            .collect();
-        Shard { entries }
+impl Ledger {
+    /// Arranges this worker's ledger in `scope` (the listing rounds' dataflow); `probe`
+    /// sees a round once its updates are in the trace. The updates stay on this worker
+    /// (they are made by the key's owner), so the arrangement is local.
+    pub fn new(scope: Scope<'_, Round>, probe: &ProbeHandle<Round>) -> Self {
+        let mut input = InputHandleVec::new();
+        let updates = scope.input_from(&mut input);
+        let arranged = arrange_core::<_, _, ValBatcher<ImageKey, u64, Round, isize>, ValSpine<_, _, _, _>>(
+            updates,
+            Pipeline,
+            "Ledger",
+            ValBatcher::new,
+        );
+        arranged.stream.probe_with(probe);
+        Ledger {
+            input,
+            trace: arranged.trace,
+        }
     }
 
-    /// Changes that bring the shard to `listing` (this owner's objects of one complete
-    /// listing round), in key order, and records them as listed.
+    /// Enters the committed ledger's keys (already filtered to this owner) with their
+    /// versions, at the current round.
+    pub fn restore<'a>(&mut self, ledger: impl IntoIterator<Item = (&'a ImageKey, &'a str)>) {
+        for (key, version) in ledger {
+            self.input.send(((key.clone(), version_hash(version)), 0, 1));
+        }
+    }
+
+    /// Moves to `round`: later updates are at it, and the trace may forget the
+    /// distinctions between earlier rounds (it is only read as of the latest).
+    pub fn advance_to(&mut self, round: Round) {
+        self.input.advance_to(round);
+        let frontier = Antichain::from_elem(round.saturating_sub(1));
+        self.trace.set_logical_compaction(frontier.borrow());
+        self.trace.set_physical_compaction(frontier.borrow());
+    }
+
+    /// Changes that bring the arranged keys to `listing` (this owner's objects of one
+    /// complete round, sorted by key), in key order; records them as this round's
+    /// updates. The trace must hold every earlier round (the caller waits on the probe).
     pub fn diff(&mut self, listing: &[ListedObject]) -> Vec<Change> {
         self.diff_except(listing, &HashSet::new())
     }
 
     /// [`Self::diff`] for a round that skipped the folders in `unchanged`: their keys stay
-    /// as last listed.
+    /// as last listed (the cursor jumps over them).
     pub fn diff_except(
         &mut self,
         listing: &[ListedObject],
         unchanged: &HashSet<String>,
     ) -> Vec<Change> {
+        debug_assert!(listing.windows(2).all(|w| w[0].key < w[1].key));
+        let round = self.input.time().clone();
+        let mut upper = Antichain::new();
+        self.trace.read_upper(&mut upper);
+        let batches = self
+            .trace
+            .batches_through(upper.borrow())
+            .expect("the ledger trace is readable through its upper");
+        let (mut cursor, storage) = cursor_list(batches);
         let mut changes = Vec::new();
-        let mut listed = HashSet::with_capacity(listing.len());
-        for obj in listing {
-            listed.insert(&obj.key);
-            let entry = self.entries.entry(obj.key.clone()).or_default();
-            let version = version_hash(&obj.version);
-            if entry.listed != Some(version) {
-                entry.listed = Some(version);
-                changes.push(Change {
-                    key: obj.key.clone(),
-                    kind: ChangeKind::Upsert {
-                        version: obj.version.clone(),
-                    },
-                });
-            }
-        }
-        for (key, entry) in self.entries.iter_mut() {
-            let skipped = || {
-                key.0
-                    .split_once('/')
-                    .is_some_and(|(folder, _)| unchanged.contains(folder))
+        let mut updates: Vec<Update> = Vec::new();
+        let mut listed = listing.iter().peekable();
+        loop {
+            let arranged = cursor.get_key(&storage);
+            let next = listed.peek();
+            let order = match (arranged, next) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(key), Some(obj)) => key.cmp(&obj.key),
             };
-            if entry.listed.is_some() && !listed.contains(key) && !skipped() {
-                entry.listed = None;
-                changes.push(Change {
-                    key: key.clone(),
-                    kind: ChangeKind::Delete,
-                });
+            match order {
+                // Arranged but not listed: deleted, unless its folder was skipped.
+                std::cmp::Ordering::Less => {
+                    let key = arranged.expect("a key").clone();
+                    if let Some(folder) = skipped_folder(&key, unchanged) {
+                        // Past every key of the folder: '0' is the byte after '/'.
+                        cursor.seek_key(&storage, &ImageKey(format!("{folder}0")));
+                        continue;
+                    }
+                    if let Some(old) = current(&mut cursor, &storage) {
+                        updates.push(((key.clone(), old), round, -1));
+                        changes.push(Change {
+                            key,
+                            kind: ChangeKind::Delete,
+                        });
+                    }
+                    cursor.step_key(&storage);
+                }
+                // Listed and arranged: a change if its version moved.
+                std::cmp::Ordering::Equal => {
+                    let obj = listed.next().expect("an object");
+                    let version = version_hash(&obj.version);
+                    let old = current(&mut cursor, &storage);
+                    if old != Some(version) {
+                        if let Some(old) = old {
+                            updates.push(((obj.key.clone(), old), round, -1));
+                        }
+                        updates.push(((obj.key.clone(), version), round, 1));
+                        changes.push(upsert(obj));
+                    }
+                    cursor.step_key(&storage);
+                }
+                // Listed, not arranged: new.
+                std::cmp::Ordering::Greater => {
+                    let obj = listed.next().expect("an object");
+                    updates.push(((obj.key.clone(), version_hash(&obj.version)), round, 1));
+                    changes.push(upsert(obj));
+                }
             }
         }
-        self.entries
-            .retain(|_, e| e.listed.is_some() || e.stored.is_some());
-        changes.sort();
+        drop((cursor, storage));
+        self.input.send_batch(&mut updates);
         changes
     }
 
-    /// Takes where `key`'s current row is stored: the row is about to be retracted.
-    pub fn take_stored(&mut self, key: &ImageKey) -> Option<Location> {
-        let entry = self.entries.get_mut(key)?;
-        let stored = entry.stored.take();
-        if entry.listed.is_none() {
-            self.entries.remove(key);
+    /// Live keys in the trace (for the log; walks the whole shard).
+    pub fn len(&mut self) -> usize {
+        let mut upper = Antichain::new();
+        self.trace.read_upper(&mut upper);
+        let batches = self.trace.batches_through(upper.borrow()).expect("readable");
+        let (mut cursor, storage) = cursor_list(batches);
+        let mut n = 0;
+        while cursor.key_valid(&storage) {
+            n += usize::from(current(&mut cursor, &storage).is_some());
+            cursor.step_key(&storage);
         }
-        stored
+        n
     }
 
-    /// Records where `key`'s new row is stored.
-    pub fn set_stored(&mut self, key: &ImageKey, location: Location) {
-        self.entries.entry(key.clone()).or_default().stored = Some(location);
+    /// True when no key is live.
+    pub fn is_empty(&mut self) -> bool {
+        self.len() == 0
     }
+}
 
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.entries.len()
+/// The version a key's updates add up to (at most one value has a positive count).
+fn current<C>(cursor: &mut C, storage: &C::Storage) -> Option<u64>
+where
+    C: for<'a> Cursor<Key<'a> = &'a ImageKey, Val<'a> = &'a u64, DiffGat<'a> = &'a isize>,
+{
+    let mut found = None;
+    while let Some(val) = cursor.get_val(storage) {
+        let mut count = 0isize;
+        cursor.map_times(storage, |_, diff| count += *diff);
+        if count > 0 {
+            found = Some(*val);
+        }
+        cursor.step_val(storage);
     }
+    cursor.rewind_vals(storage);
+    found
+}
 
-    /// True when no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+/// The folder of `key` when the round skipped it.
+fn skipped_folder<'k>(key: &'k ImageKey, unchanged: &HashSet<String>) -> Option<&'k str> {
+    let (folder, _) = key.0.split_once('/')?;
+    unchanged.contains(folder).then_some(folder)
+}
+
+fn upsert(obj: &ListedObject) -> Change {
+    Change {
+        key: obj.key.clone(),
+        kind: ChangeKind::Upsert {
+            version: obj.version.clone(),
+        },
     }
 }
 
@@ -126,7 +216,7 @@ fn version_hash(version: &str) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn obj(key: &str, version: &str) -> ListedObject {
@@ -136,36 +226,123 @@ mod tests {
         }
     }
 
-    #[test]
-    fn diff_reports_new_changed_and_deleted_once() {
-        let mut shard = Shard::default();
-        let first = shard.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]);
-        assert_eq!(first.len(), 2);
-        assert!(shard.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]).is_empty());
-        let next = shard.diff(&[obj("A/1", "v2"), obj("B/3", "v1")]);
-        let kinds: Vec<_> = next
-            .iter()
-            .map(|c| (c.key.0.as_str(), matches!(c.kind, ChangeKind::Delete)))
-            .collect();
-        assert_eq!(kinds, vec![("A/1", false), ("A/2", true), ("B/3", false)]);
-        assert_eq!(shard.len(), 2);
+    /// A ledger in its own single-worker dataflow, one round per diff.
+    pub(crate) struct Harness<'w> {
+        worker: &'w mut timely::worker::Worker,
+        ledger: Ledger,
+        probe: ProbeHandle<Round>,
+        round: Round,
+    }
+
+    impl<'w> Harness<'w> {
+        pub(crate) fn new(worker: &'w mut timely::worker::Worker) -> Self {
+            let probe = ProbeHandle::new();
+            let ledger = worker.dataflow::<Round, _, _>(|scope| Ledger::new(scope, &probe));
+            Harness {
+                worker,
+                ledger,
+                probe,
+                round: 0,
+            }
+        }
+
+        pub(crate) fn restore(&mut self, entries: &[(&str, &str)]) {
+            let keys: Vec<(ImageKey, &str)> =
+                entries.iter().map(|(k, v)| (ImageKey(k.to_string()), *v)).collect();
+            self.ledger.restore(keys.iter().map(|(k, v)| (k, *v)));
+            self.next_round();
+        }
+
+        fn next_round(&mut self) {
+            self.round += 1;
+            self.ledger.advance_to(self.round);
+            while self.probe.less_than(&self.round) {
+                self.worker.step();
+            }
+        }
+
+        /// One round: the diff, then the round completes (its updates are arranged).
+        pub(crate) fn diff_except(
+            &mut self,
+            listing: &[ListedObject],
+            unchanged: &HashSet<String>,
+        ) -> Vec<Change> {
+            let changes = self.ledger.diff_except(listing, unchanged);
+            self.next_round();
+            changes
+        }
+
+        pub(crate) fn diff(&mut self, listing: &[ListedObject]) -> Vec<Change> {
+            self.diff_except(listing, &HashSet::new())
+        }
+
+        pub(crate) fn len(&mut self) -> usize {
+            self.ledger.len()
+        }
     }
 
     #[test]
-    fn a_deleted_key_keeps_its_location_until_retracted() {
-        let key = ImageKey("A/1".into());
-        let at = Location { epoch: 3, part: 1 };
-        let entry = LedgerEntry {
-            version: "v1".into(),
-            location: at,
-            embedded: true,
-        };
-        let mut shard = Shard::restore([(&key, &entry)]);
-        assert!(shard.diff(&[obj("A/1", "v1")]).is_empty());
-        assert_eq!(shard.diff(&[]).len(), 1);
-        assert_eq!(shard.len(), 1, "the row is not retracted yet");
-        assert_eq!(shard.take_stored(&key), Some(at));
-        assert!(shard.is_empty());
-        assert_eq!(shard.take_stored(&key), None);
+    fn diff_reports_new_changed_and_deleted_once() {
+        timely::execute_directly(|worker| {
+            let mut ledger = Harness::new(worker);
+            let first = ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]);
+            assert_eq!(first.len(), 2);
+            assert!(ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]).is_empty());
+            let next = ledger.diff(&[obj("A/1", "v2"), obj("B/3", "v1")]);
+            let kinds: Vec<_> = next
+                .iter()
+                .map(|c| (c.key.0.as_str(), matches!(c.kind, ChangeKind::Delete)))
+                .collect();
+            assert_eq!(kinds, vec![("A/1", false), ("A/2", true), ("B/3", false)]);
+            assert_eq!(ledger.len(), 2);
+            // The deleted key comes back as new; a rewrite back to v1 is a change.
+            let again = ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1"), obj("B/3", "v1")]);
+            let keys: Vec<_> = again.iter().map(|c| c.key.0.as_str()).collect();
+            assert_eq!(keys, ["A/1", "A/2"]);
+            assert!(ledger.diff(&[]).len() == 3 && ledger.len() == 0);
+        });
+    }
+
+    #[test]
+    fn a_restored_ledger_diffs_like_the_one_it_was_saved_from() {
+        timely::execute_directly(|worker| {
+            let mut ledger = Harness::new(worker);
+            ledger.restore(&[("A/1", "v1"), ("B/2", "v1")]);
+            assert_eq!(ledger.len(), 2);
+            assert!(ledger.diff(&[obj("A/1", "v1"), obj("B/2", "v1")]).is_empty());
+            let changes = ledger.diff(&[obj("B/2", "v2")]);
+            let kinds: Vec<_> = changes
+                .iter()
+                .map(|c| (c.key.0.as_str(), matches!(c.kind, ChangeKind::Delete)))
+                .collect();
+            assert_eq!(kinds, vec![("A/1", true), ("B/2", false)]);
+        });
+    }
+
+    /// Skipped folders keep their keys; the others are diffed; many rounds leave the
+    /// compacted trace with one entry per live key.
+    #[test]
+    fn skipped_folders_keep_their_keys_over_many_rounds() {
+        timely::execute_directly(|worker| {
+            let mut ledger = Harness::new(worker);
+            let all: Vec<_> = ["A/1", "A/2", "A0/1", "B/1", "C/1"]
+                .iter()
+                .map(|k| obj(k, "v1"))
+                .collect();
+            assert_eq!(ledger.diff(&all).len(), 5);
+            let skip: HashSet<String> = ["A".to_string(), "C".to_string()].into();
+            // Only B and A0 listed: A's and C's keys stand, A0's and B's are diffed.
+            assert!(ledger.diff_except(&all[2..4], &skip).is_empty());
+            let gone = ledger.diff_except(&all[3..4], &skip);
+            assert_eq!(gone.len(), 1);
+            assert_eq!(gone[0].key.0, "A0/1");
+            for round in 0..50 {
+                let version = format!("v{}", round % 2);
+                let changes = ledger.diff_except(&[obj("B/1", &version)], &skip);
+                assert_eq!(changes.len(), 1);
+            }
+            assert_eq!(ledger.len(), 4);
+            assert_eq!(ledger.diff(&[]).len(), 4, "a full round deletes them");
+        });
     }
 }

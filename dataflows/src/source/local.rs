@@ -141,8 +141,9 @@ impl Source for LocalDir {
         index: usize,
         peers: usize,
         seen: &mut super::FolderStamps,
-        full: bool,
+        round: super::ListingRound,
     ) -> Result<(Vec<ListedObject>, Vec<String>)> {
+        let full = round.full();
         let (folders, files) = self.list_top()?;
         let mut out = if index == 0 { files } else { Vec::new() };
         let mut skipped = Vec::new();
@@ -242,7 +243,8 @@ mod tests {
     /// a full round lists everything.
     #[test]
     fn unchanged_folders_are_skipped_until_they_change_or_a_full_round() {
-        use crate::source::{FolderStamps, Shard};
+        use crate::source::ledger::tests::Harness;
+        use crate::source::FolderStamps;
         let dir = tempfile::tempdir().unwrap();
         for label in ["A", "B"] {
             std::fs::create_dir_all(dir.path().join(label)).unwrap();
@@ -256,30 +258,36 @@ mod tests {
         };
         settle("A");
         settle("B");
-        let mut seen = FolderStamps::new();
-        let mut shard = Shard::default();
-        let (all, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
-        assert_eq!((all.len(), skipped.len()), (2, 0));
-        assert_eq!(shard.diff(&all).len(), 2);
-        // Nothing moved: both skipped, nothing deleted.
-        let (none, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
-        assert!(none.is_empty());
-        assert_eq!(skipped, ["A", "B"]);
-        let unchanged = skipped.into_iter().collect();
-        assert!(shard.diff_except(&none, &unchanged).is_empty());
-        // A file lands in B: B is listed again (its mtime moved), A still skipped.
-        std::fs::write(dir.path().join("B").join("2.jpg"), b"y").unwrap();
-        let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
-        assert_eq!(skipped, ["A"]);
-        let keys: Vec<_> = listed.iter().map(|o| o.key.0.as_str()).collect();
-        assert_eq!(keys, ["B/1.jpg", "B/2.jpg"]);
-        let changes = shard.diff_except(&listed, &skipped.into_iter().collect());
-        assert_eq!(changes.len(), 1, "{changes:?}");
-        // B is not settled yet (just modified): listed every round until it is.
-        let (listed, _) = src.list_share_changed(0, 1, &mut seen, false).unwrap();
-        assert_eq!(listed.len(), 2);
-        // A full round lists A too.
-        let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, true).unwrap();
-        assert_eq!((listed.len(), skipped.len()), (3, 0));
+        let root = dir.path().to_path_buf();
+        timely::execute_directly(move |worker| {
+            let mut ledger = Harness::new(worker);
+            let mut seen = FolderStamps::new();
+            let partial = crate::source::ListingRound { number: 1, every: 30 };
+            let full = crate::source::ListingRound { number: 30, every: 30 };
+            let (all, skipped) = src.list_share_changed(0, 1, &mut seen, partial).unwrap();
+            assert_eq!((all.len(), skipped.len()), (2, 0));
+            assert_eq!(ledger.diff(&all).len(), 2);
+            // Nothing moved: both skipped, nothing deleted.
+            let (none, skipped) = src.list_share_changed(0, 1, &mut seen, partial).unwrap();
+            assert!(none.is_empty());
+            assert_eq!(skipped, ["A", "B"]);
+            let unchanged = skipped.into_iter().collect();
+            assert!(ledger.diff_except(&none, &unchanged).is_empty());
+            // A file lands in B: B is listed again (its mtime moved), A still skipped.
+            std::fs::write(root.join("B").join("2.jpg"), b"y").unwrap();
+            let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, partial).unwrap();
+            assert_eq!(skipped, ["A"]);
+            let keys: Vec<_> = listed.iter().map(|o| o.key.0.as_str()).collect();
+            assert_eq!(keys, ["B/1.jpg", "B/2.jpg"]);
+            let changes = ledger.diff_except(&listed, &skipped.into_iter().collect());
+            assert_eq!(changes.len(), 1, "{changes:?}");
+            // B is not settled yet (just modified): listed every round until it is.
+            let (listed, _) = src.list_share_changed(0, 1, &mut seen, partial).unwrap();
+            assert_eq!(listed.len(), 2);
+            // A full round lists A too.
+            let (listed, skipped) = src.list_share_changed(0, 1, &mut seen, full).unwrap();
+            assert_eq!((listed.len(), skipped.len()), (3, 0));
+            assert!(ledger.diff(&listed).is_empty());
+        });
     }
 }

@@ -1,6 +1,7 @@
 //! The source stage: where images come from. A [`Source`] lists the archive and reads
-//! objects; the [`ledger::Shard`]s turn successive listings into [`Change`]s, so the
-//! dataflow sees each object once per content version, and deletions as retractions.
+//! objects; the [`ledger::Ledger`] (a differential arrangement at each key's owner) turns
+//! successive listings into [`Change`]s, so the dataflow sees each object once per
+//! content version, and deletions as retractions.
 
 pub mod ledger;
 pub mod local;
@@ -9,12 +10,34 @@ pub mod s3;
 use crate::record::ImageKey;
 use anyhow::Result;
 
-pub use ledger::Shard;
+pub use ledger::Ledger;
 pub use local::LocalDir;
 
 /// Per label folder, the change stamp it had when a worker last listed it in full (see
 /// [`Source::list_share_changed`]).
 pub type FolderStamps = std::collections::HashMap<String, u128>;
+
+/// Where a listing round stands in the cycle of `[source] full_listing_every` rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListingRound {
+    /// Rounds listed before this one (every worker counts the same rounds).
+    pub number: u64,
+    /// Rounds per cycle: the first of each cycle lists every folder.
+    pub every: u64,
+}
+
+impl ListingRound {
+    /// True when this round lists every folder.
+    pub fn full(&self) -> bool {
+        self.number % self.every == 0
+    }
+
+    /// True when this round is `folder`'s turn in the rotation: each folder's turn comes
+    /// once per cycle, and a cycle's turns are spread over its rounds (by folder hash).
+    pub fn turn_of(&self, folder: &str) -> bool {
+        xxhash_rust::xxh3::xxh3_64(folder.as_bytes()) % self.every == self.number % self.every
+    }
+}
 
 /// One object seen by a listing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -52,16 +75,15 @@ pub trait Source: Send + Sync {
         out.sort();
         Ok(out)
     }
-    /// [`Self::list_share`], skipping folders that cannot have changed since `seen`
-    /// recorded them (unless `full`): returns the listing and the skipped folders, whose
-    /// objects stand as last listed. The default lists everything (object stores have no
-    /// folder change stamp).
+    /// [`Self::list_share`], skipping folders that need no listing this round: returns
+    /// the listing and the skipped folders, whose objects stand as last listed. A full
+    /// round lists everything. The default lists everything every round.
     fn list_share_changed(
         &self,
         index: usize,
         peers: usize,
         _seen: &mut FolderStamps,
-        _full: bool,
+        _round: ListingRound,
     ) -> Result<(Vec<ListedObject>, Vec<String>)> {
         Ok((self.list_share(index, peers)?, Vec::new()))
     }

@@ -1,8 +1,17 @@
 //! An archive under an S3 prefix. Label folders are the common prefixes of a delimited
 //! listing; each folder is listed (all pages) by the worker that owns it. The version of
 //! an object is its size and ETag, so a rewritten object is ingested again.
+//!
+//! Object stores have no folder change stamp, and relisting an archive of a million
+//! objects every poll is a thousand LIST requests a poll. So a tailing round lists the
+//! label folders (one request per thousand folders), lists new folders at once, and
+//! relists each known folder once per `[source] full_listing_every` rounds, spread over
+//! the cycle: LIST requests per poll are about `folders / 1000 + objects / (1000 *
+//! full_listing_every)`, plus a full relist at the start of each cycle. A new fruit
+//! folder is found at the next poll; an image added to, rewritten in or deleted from a
+//! known folder within one cycle.
 
-use super::{ListedObject, Source};
+use super::{FolderStamps, ListedObject, ListingRound, Source};
 use crate::io::s3::{S3Config, S3Prefix};
 use crate::record::ImageKey;
 use anyhow::Result;
@@ -80,6 +89,34 @@ impl Source for S3Dir {
             .filter(|f| !f.is_empty() && !f.starts_with('.'))
             .collect();
         Ok((folders, files))
+    }
+
+    fn list_share_changed(
+        &self,
+        index: usize,
+        peers: usize,
+        seen: &mut FolderStamps,
+        round: ListingRound,
+    ) -> Result<(Vec<ListedObject>, Vec<String>)> {
+        let (folders, files) = self.list_top()?;
+        let mut out = if index == 0 { files } else { Vec::new() };
+        let mine: std::collections::HashSet<String> = folders
+            .into_iter()
+            .filter(|f| super::folder_owner(f, peers) == index)
+            .collect();
+        seen.retain(|f, _| mine.contains(f));
+        let mut skipped = Vec::new();
+        for folder in mine {
+            if !round.full() && seen.contains_key(&folder) && !round.turn_of(&folder) {
+                skipped.push(folder);
+                continue;
+            }
+            out.extend(self.list_folder(&folder)?);
+            seen.insert(folder, 0);
+        }
+        out.sort();
+        skipped.sort();
+        Ok((out, skipped))
     }
 
     fn list_folder(&self, folder: &str) -> Result<Vec<ListedObject>> {
