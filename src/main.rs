@@ -14,6 +14,21 @@ mod web;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc 3 keeps freed memory for a second before returning it to the OS; the
+/// statistics stage's transient d x d matrices (PCA, moment merges: tens of MB each)
+/// then overlap in RSS. Ten milliseconds (mimalloc 2's default) still keeps buffers
+/// freed and reallocated within a model run, and brought `run --once -w 2` from about
+/// 490 MB to 430 MB at no measurable cost in time. An explicit `MIMALLOC_PURGE_DELAY`
+/// wins.
+fn tune_allocator() {
+    // `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (include/mimalloc.h).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option; mimalloc reads it at each purge.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 10) };
+    }
+}
+
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RunArgs};
@@ -22,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn main() {
+    tune_allocator();
     fruits_dataflows::embed::no_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(

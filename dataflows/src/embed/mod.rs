@@ -322,10 +322,7 @@ impl Embedder {
         let engine = match config.backend {
             Backend::Tract | Backend::Auto => tract_engine(&mut config, outputs)?,
             Backend::Onnxruntime => {
-                if let Some(size) = declared_size(&parse(&config.model)?)? {
-                    config.input_size = size;
-                }
-                match Self::onnxruntime_engine(&config, outputs, threads) {
+                match Self::onnxruntime_engine(&mut config, outputs, threads) {
                     Ok(engine) => engine,
                     // `auto` found a library that does not load: tract, said once.
                     Err(e) if auto => {
@@ -357,8 +354,10 @@ impl Embedder {
     }
 
     #[cfg(feature = "onnxruntime")]
+    /// An onnxruntime engine for `config` (whose input size becomes the one the model
+    /// declares).
     fn onnxruntime_engine(
-        config: &EmbedConfig,
+        config: &mut EmbedConfig,
         outputs: &[&str],
         threads: usize,
     ) -> Result<Engine> {
@@ -367,17 +366,19 @@ impl Embedder {
             .clone()
             .or_else(find_onnxruntime)
             .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
-        Ok(Engine::Onnxruntime(onnxruntime::OrtEngine::load(
+        let engine = onnxruntime::OrtEngine::load(
             &config.model,
             &library,
             config.input_size as usize,
             outputs,
             threads,
-        )?))
+        )?;
+        config.input_size = engine.size() as u32;
+        Ok(Engine::Onnxruntime(engine))
     }
 
     #[cfg(not(feature = "onnxruntime"))]
-    fn onnxruntime_engine(_: &EmbedConfig, _: &[&str], _: usize) -> Result<Engine> {
+    fn onnxruntime_engine(_: &mut EmbedConfig, _: &[&str], _: usize) -> Result<Engine> {
         anyhow::bail!(
             "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
              cargo build --release --features onnxruntime"

@@ -36,7 +36,8 @@ pub struct OrtEngine {
 }
 
 impl OrtEngine {
-    /// Loads `model` with `threads` intra-op threads and the named outputs.
+    /// Loads `model` with `threads` intra-op threads and the named outputs. It runs at
+    /// the square input size the model declares, else at `size`.
     pub fn load(
         model: &Path,
         library: &Path,
@@ -57,12 +58,14 @@ impl OrtEngine {
             .and_then(|b| b.with_intra_op_spinning(false).map_err(Into::into))
             .and_then(|mut b| b.commit_from_file(model))
             .with_context(|| format!("onnxruntime: loading {}", model.display()))?;
-        let input = session
-            .inputs()
-            .first()
-            .context("the model has no input")?
-            .name()
-            .to_string();
+        let first = session.inputs().first().context("the model has no input")?;
+        let input = first.name().to_string();
+        // The size is read from the session, not by parsing the model a second time
+        // (with tract, that held another copy of the weights in every worker).
+        let size = match first.dtype().tensor_shape().map(|s| &s[..]) {
+            Some(&[_, _, h, w]) if h == w && h > 0 => h as usize,
+            _ => size,
+        };
         for name in outputs {
             anyhow::ensure!(
                 session.outputs().iter().any(|o| o.name() == *name),
@@ -76,6 +79,11 @@ impl OrtEngine {
             outputs: outputs.iter().map(|s| s.to_string()).collect(),
             size,
         })
+    }
+
+    /// The input size it runs at.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// Runs a batch of NCHW tensors laid end to end (the model's batch axis is
