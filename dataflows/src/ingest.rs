@@ -500,8 +500,21 @@ fn resume(
             );
         }
     }
-    let Some(checkpoint) = Checkpoint::load(store)? else {
-        return Ok(Checkpoint::empty(source.location(), dim, embed.clone()));
+    // Only worker 0 merges models and commits: elsewhere the fixed-size statistics (the
+    // moments alone are 13 MB at d = 1280, held twice: the models seed and the commit's
+    // checkpoint) would sit unused.
+    let loaded = if index == 0 {
+        Checkpoint::load(store)?
+    } else {
+        Checkpoint::load_without_statistics(store)?
+    };
+    let Some(checkpoint) = loaded else {
+        let empty = Checkpoint::empty(source.location(), dim, embed.clone());
+        return Ok(if index == 0 {
+            empty
+        } else {
+            empty.without_statistics()
+        });
     };
     let was = &checkpoint.embed;
     anyhow::ensure!(

@@ -352,6 +352,18 @@ impl Checkpoint {
         self.models.moments.n
     }
 
+    /// This checkpoint without its statistics (the moments' second-order sums, PCA,
+    /// KMeans, per-label sums): what a worker keeps that neither merges models nor commits
+    /// (every worker but 0). The image count and the log stay.
+    pub fn without_statistics(mut self) -> Self {
+        self.models.moments.sum = Vec::new();
+        self.models.moments.ss = Vec::new();
+        self.models.pca = None;
+        self.models.kmeans = KMeans::default();
+        self.labels.clear();
+        self
+    }
+
     /// Live images per label.
     pub fn label_counts(&self) -> BTreeMap<String, i64> {
         self.labels.iter().map(|(l, s)| (l.clone(), s.n)).collect()
@@ -359,6 +371,17 @@ impl Checkpoint {
 
     /// Loads the last committed checkpoint, if any.
     pub fn load(store: &dyn OutputStore) -> Result<Option<Checkpoint>> {
+        Self::load_with(store, true)
+    }
+
+    /// [`Self::load`] for a worker that never merges models nor commits: the checkpoint
+    /// [`Self::without_statistics`]. Format 5 reads only the count and dimension of the
+    /// statistics file (and the deltas' row counts), not the statistics themselves.
+    pub fn load_without_statistics(store: &dyn OutputStore) -> Result<Option<Checkpoint>> {
+        Ok(Self::load_with(store, false)?.map(Checkpoint::without_statistics))
+    }
+
+    fn load_with(store: &dyn OutputStore, statistics: bool) -> Result<Option<Checkpoint>> {
         let Some(pointer) = store.get(POINTER)? else {
             return Ok(None);
         };
@@ -381,7 +404,11 @@ impl Checkpoint {
                 .into(),
             FORMAT => {
                 let stored: Stored = bincode::deserialize(&bytes).with_context(decoding)?;
-                Checkpoint::assemble(store, stored)?
+                if statistics {
+                    Checkpoint::assemble(store, stored)?
+                } else {
+                    Checkpoint::summary(store, stored)?
+                }
             }
             _ => anyhow::bail!(
                 "checkpoint {name} has format {format}, this build reads 3 to {FORMAT}; rebuild \
@@ -426,6 +453,46 @@ impl Checkpoint {
                 moments,
                 pca,
                 kmeans: stored.kmeans,
+                changes_since_fit: stored.changes_since_fit,
+                pca_epoch: stored.pca_epoch,
+            },
+            log: stored.log,
+            embed: stored.embed,
+            stats: stored.stats,
+        })
+    }
+
+    /// A format-5 checkpoint with only the image count and dimension of its statistics.
+    fn summary(store: &dyn OutputStore, stored: Stored) -> Result<Checkpoint> {
+        // The moments' leading fields: bincode stops after them.
+        #[derive(Deserialize)]
+        struct Head {
+            dim: usize,
+            n: i64,
+        }
+        let head: Head = read(store, &stats_file(stored.stats.base))?;
+        // The image count moves with the rows of the deltas after the stats file.
+        let mut n = head.n;
+        for &epoch in stored.log.deltas.iter().filter(|&&e| e > stored.stats.base) {
+            n += read_delta(store, epoch)?.rows.iter().map(|(_, _, d)| d).sum::<i64>();
+        }
+        let moments = Moments {
+            dim: head.dim,
+            n,
+            sum: Vec::new(),
+            ss: Vec::new(),
+        };
+        Ok(Checkpoint {
+            format: FORMAT,
+            epoch: stored.epoch,
+            source: stored.source,
+            labels: BTreeMap::new(),
+            errors: stored.errors,
+            errors_by_kind: stored.errors_by_kind,
+            models: Models {
+                moments,
+                pca: None,
+                kmeans: KMeans::default(),
                 changes_since_fit: stored.changes_since_fit,
                 pca_epoch: stored.pca_epoch,
             },
@@ -1060,6 +1127,13 @@ mod tests {
         share.ledger.retain(|k, _| mine(k));
         assert!(!share.ledger.is_empty() && share.ledger.len() < expected.ledger.len());
         assert_eq!(Archive::load(&store, &loaded, mine).unwrap(), share);
+        // A worker other than 0 loads the same checkpoint without its statistics, and
+        // restores the same share of the ledger from it.
+        let light = Checkpoint::load_without_statistics(&store).unwrap().unwrap();
+        assert_eq!(light, loaded.clone().without_statistics());
+        assert_eq!(light.models.moments.dim, 2);
+        assert!(light.models.moments.ss.is_empty() && light.labels.is_empty());
+        assert_eq!(Archive::load(&store, &light, mine).unwrap(), share);
         let history = load_history(&store, &loaded).unwrap();
         assert_eq!(
             history.iter().map(|h| h.epoch).collect::<Vec<_>>(),
