@@ -118,14 +118,16 @@ fn write_variant(image: &Path, variant: usize, to: &Path, first_copy: &Path) -> 
 /// the keys of every image, in the order they were made.
 fn archive(images: &[(String, PathBuf)], root: &Path, n: usize) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::with_capacity(n);
+    // The stamp holds the size it was completed at: a larger request makes the rest.
     let stamp = root.join(".complete");
+    let complete = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == n.to_string());
     for i in 0..n {
         let variant = i / images.len();
         let (label, image) = &images[i % images.len()];
         let name = image.file_name().unwrap();
         let dir = root.join(format!("{label} v{variant}"));
         let to = dir.join(name);
-        if !stamp.exists() {
+        if !complete {
             std::fs::create_dir_all(&dir)?;
             let first = root.join(format!("{label} v{}", variant % 8)).join(name);
             if !to.exists() {
@@ -135,7 +137,7 @@ fn archive(images: &[(String, PathBuf)], root: &Path, n: usize) -> Result<Vec<Pa
         }
         paths.push(to);
     }
-    std::fs::write(&stamp, b"")?;
+    std::fs::write(&stamp, n.to_string())?;
     Ok(paths)
 }
 
