@@ -23,7 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::vec::Input;
-use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::{Broadcast, Map, Partition};
 use timely::dataflow::operators::{Concatenate, Exchange, Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
@@ -150,8 +153,14 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             embedder,
             stored,
         );
+        // Rows and error records part ways without a copy of every embedding.
+        let mut parts = outcomes.partition(2, |o| match o {
+            Outcome::Row(_) => (0, o),
+            Outcome::Error(_) => (1, o),
+        });
+        let rejected = parts.pop().expect("two parts");
         // (ImageRow, Epoch, diff): the differential collection of live images.
-        let rows = outcomes.clone().flat_map(|o| match o {
+        let rows = parts.pop().expect("two parts").flat_map(|o| match o {
             Outcome::Row(update) => Some(update),
             Outcome::Error(_) => None,
         });
@@ -176,7 +185,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         let at = |item: CommitItem| (0, item);
         let items = scope.concatenate(vec![
             changes.map(move |c| at(CommitItem::Change(c))),
-            outcomes.flat_map(move |o| match o {
+            rejected.flat_map(move |o| match o {
                 Outcome::Error(e) => Some(at(CommitItem::Error(e))),
                 Outcome::Row(_) => None,
             }),
@@ -374,9 +383,19 @@ impl Rounds {
                     _ => 0,
                 });
             let zero = scope.input_from(&mut to_zero).exchange(|_| 0);
+            // Received messages are moved out, not cloned (a first listing is the whole
+            // archive); the probe sees a round once they are all taken.
             scope
                 .concatenate(vec![all, owners, zero])
-                .inspect(move |r: &(u64, Round)| sink.borrow_mut().push(r.clone()))
+                .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                    Pipeline,
+                    "Received",
+                    move |_, _| {
+                        move |input, _| {
+                            input.for_each(|_, data| sink.borrow_mut().append(data));
+                        }
+                    },
+                )
                 .probe_with(&probe);
             Ledger::new(scope, &probe)
         });
