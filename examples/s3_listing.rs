@@ -129,7 +129,9 @@ fn list_requests(url: &str) -> Result<u64> {
 fn s3s_fs() -> Result<PathBuf> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
     let installed = home.join("bin/s3s-fs");
     Ok(if installed.exists() {
         installed

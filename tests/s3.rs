@@ -620,13 +620,17 @@ fn tailing_rounds_relist_each_known_folder_once_per_cycle() {
     let every = 4;
     let round = |number| ListingRound { number, every };
     let mut seen = FolderStamps::new();
-    let (all, skipped) = source.list_share_changed(0, 1, &mut seen, round(0)).unwrap();
+    let (all, skipped) = source
+        .list_share_changed(0, 1, &mut seen, round(0))
+        .unwrap();
     assert!(skipped.is_empty());
     assert_eq!(all.len(), folders.len());
     // Over the rest of the cycle each folder is listed exactly once.
     let mut listed_in_cycle: Vec<String> = Vec::new();
     for number in 1..every {
-        let (listed, skipped) = source.list_share_changed(0, 1, &mut seen, round(number)).unwrap();
+        let (listed, skipped) = source
+            .list_share_changed(0, 1, &mut seen, round(number))
+            .unwrap();
         let mut here: Vec<String> = listed
             .iter()
             .map(|o| o.key.0.split('/').next().unwrap().to_string())
@@ -647,7 +651,15 @@ fn tailing_rounds_relist_each_known_folder_once_per_cycle() {
     assert_eq!(listed_in_cycle, expected);
     // A new folder is listed in the next round, whatever its turn.
     let bytes = std::fs::read(fixtures().join("Kiwi 1/0_100.jpg")).unwrap();
-    server.store("archive").put("Brand New 1/a.jpg", &bytes).unwrap();
-    let (listed, _) = source.list_share_changed(0, 1, &mut seen, round(every + 1)).unwrap();
-    assert!(listed.iter().any(|o| o.key.0 == "Brand New 1/a.jpg"), "{listed:?}");
+    server
+        .store("archive")
+        .put("Brand New 1/a.jpg", &bytes)
+        .unwrap();
+    let (listed, _) = source
+        .list_share_changed(0, 1, &mut seen, round(every + 1))
+        .unwrap();
+    assert!(
+        listed.iter().any(|o| o.key.0 == "Brand New 1/a.jpg"),
+        "{listed:?}"
+    );
 }

@@ -46,12 +46,12 @@ impl Ledger {
     pub fn new(scope: Scope<'_, Round>, probe: &ProbeHandle<Round>) -> Self {
         let mut input = InputHandleVec::new();
         let updates = scope.input_from(&mut input);
-        let arranged = arrange_core::<_, _, ValBatcher<ImageKey, u64, Round, isize>, ValSpine<_, _, _, _>>(
-            updates,
-            Pipeline,
-            "Ledger",
-            ValBatcher::new,
-        );
+        let arranged = arrange_core::<
+            _,
+            _,
+            ValBatcher<ImageKey, u64, Round, isize>,
+            ValSpine<_, _, _, _>,
+        >(updates, Pipeline, "Ledger", ValBatcher::new);
         arranged.stream.probe_with(probe);
         Ledger {
             input,
@@ -63,7 +63,8 @@ impl Ledger {
     /// versions, at the current round.
     pub fn restore<'a>(&mut self, ledger: impl IntoIterator<Item = (&'a ImageKey, &'a str)>) {
         for (key, version) in ledger {
-            self.input.send(((key.clone(), version_hash(version)), 0, 1));
+            self.input
+                .send(((key.clone(), version_hash(version)), 0, 1));
         }
     }
 
@@ -160,7 +161,10 @@ impl Ledger {
     pub fn len(&mut self) -> usize {
         let mut upper = Antichain::new();
         self.trace.read_upper(&mut upper);
-        let batches = self.trace.batches_through(upper.borrow()).expect("readable");
+        let batches = self
+            .trace
+            .batches_through(upper.borrow())
+            .expect("readable");
         let (mut cursor, storage) = cursor_list(batches);
         let mut n = 0;
         while cursor.key_valid(&storage) {
@@ -247,8 +251,10 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn restore(&mut self, entries: &[(&str, &str)]) {
-            let keys: Vec<(ImageKey, &str)> =
-                entries.iter().map(|(k, v)| (ImageKey(k.to_string()), *v)).collect();
+            let keys: Vec<(ImageKey, &str)> = entries
+                .iter()
+                .map(|(k, v)| (ImageKey(k.to_string()), *v))
+                .collect();
             self.ledger.restore(keys.iter().map(|(k, v)| (k, *v)));
             self.next_round();
         }
@@ -287,7 +293,9 @@ pub(crate) mod tests {
             let mut ledger = Harness::new(worker);
             let first = ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]);
             assert_eq!(first.len(), 2);
-            assert!(ledger.diff(&[obj("A/1", "v1"), obj("A/2", "v1")]).is_empty());
+            assert!(ledger
+                .diff(&[obj("A/1", "v1"), obj("A/2", "v1")])
+                .is_empty());
             let next = ledger.diff(&[obj("A/1", "v2"), obj("B/3", "v1")]);
             let kinds: Vec<_> = next
                 .iter()
@@ -309,7 +317,9 @@ pub(crate) mod tests {
             let mut ledger = Harness::new(worker);
             ledger.restore(&[("A/1", "v1"), ("B/2", "v1")]);
             assert_eq!(ledger.len(), 2);
-            assert!(ledger.diff(&[obj("A/1", "v1"), obj("B/2", "v1")]).is_empty());
+            assert!(ledger
+                .diff(&[obj("A/1", "v1"), obj("B/2", "v1")])
+                .is_empty());
             let changes = ledger.diff(&[obj("B/2", "v2")]);
             let kinds: Vec<_> = changes
                 .iter()

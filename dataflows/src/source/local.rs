@@ -262,8 +262,14 @@ mod tests {
         timely::execute_directly(move |worker| {
             let mut ledger = Harness::new(worker);
             let mut seen = FolderStamps::new();
-            let partial = crate::source::ListingRound { number: 1, every: 30 };
-            let full = crate::source::ListingRound { number: 30, every: 30 };
+            let partial = crate::source::ListingRound {
+                number: 1,
+                every: 30,
+            };
+            let full = crate::source::ListingRound {
+                number: 30,
+                every: 30,
+            };
             let (all, skipped) = src.list_share_changed(0, 1, &mut seen, partial).unwrap();
             assert_eq!((all.len(), skipped.len()), (2, 0));
             assert_eq!(ledger.diff(&all).len(), 2);
