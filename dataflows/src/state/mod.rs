@@ -637,33 +637,33 @@ impl Checkpoint {
     /// the new base's bytes: memory is the two files and the deltas, not the ledger as a
     /// map (at 250k images that map was ~50 MB on worker 0, at every compaction).
     fn compact(&mut self, store: &dyn OutputStore, delta: &Delta) -> Result<()> {
-        let mut history = load_delta_summaries(store, self)?;
-        history.extend(delta.summary.clone());
-        // The ledger and error changes since the base, later epochs over earlier ones.
+        // The ledger and error changes since the base, later epochs over earlier ones, and
+        // the epochs' summaries: one read of each delta.
         let mut news = Delta::default();
+        let mut history = Vec::new();
         for &epoch in &self.log.deltas {
             let d = read_delta(store, epoch)?;
             news.ledger.extend(d.ledger);
             news.errors.extend(d.errors);
+            history.extend(d.summary);
         }
         news.ledger.extend(delta.ledger.clone());
         news.errors.extend(delta.errors.clone());
-        let old = match self.log.base {
-            0 => None,
+        history.extend(delta.summary.clone());
+        let (name, old) = match self.log.base {
+            0 => (
+                "the empty base".to_string(),
+                bincode::serialize(&Archive::default())?,
+            ),
             epoch => {
                 let name = base_file(epoch);
                 let bytes = store.get(&name)?.with_context(|| {
                     format!("{} names {name}, which is missing", store.location())
                 })?;
-                Some((name, bytes))
+                (name, bytes)
             }
         };
-        let base = match &old {
-            Some((name, bytes)) => {
-                merged::merge(bytes, &news).with_context(|| format!("compacting {name}"))?
-            }
-            None => merged::merge_into_empty(&news)?,
-        };
+        let base = merged::merge(&old, &news).with_context(|| format!("compacting {name}"))?;
         drop(old);
         store.put(&base_file(self.epoch), &base)?;
         store.put(&history_file(self.epoch), &bincode::serialize(&history)?)?;
@@ -735,7 +735,7 @@ impl Archive {
 /// ledger entries are read in key order and written straight out, merged with the
 /// changes (which are few), in `bincode::serialize`'s layout of an [`Archive`].
 mod merged {
-    use super::{Archive, Delta, LedgerEntry};
+    use super::{Delta, LedgerEntry};
     use crate::record::{ErrorRecord, ImageKey};
     use bincode::Options;
     use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -753,13 +753,6 @@ mod merged {
         let writer = Writer::new(news, old.len());
         let errors = BaseSeed(&writer).deserialize(&mut de)?;
         writer.finish(errors, news)
-    }
-
-    /// The first base: the news alone.
-    pub fn merge_into_empty(news: &Delta) -> bincode::Result<Vec<u8>> {
-        let mut archive = Archive::default();
-        archive.apply(news);
-        bincode::serialize(&archive)
     }
 
     /// The new ledger's bytes as they are written: a length placeholder, then entries.
@@ -1257,9 +1250,12 @@ mod tests {
         let mut expected = base.clone();
         expected.apply(&news);
         assert_eq!(streamed, bincode::serialize(&expected).unwrap());
+        // The first compaction merges into an empty base: the news alone.
         let empty =
             merged::merge(&bincode::serialize(&Archive::default()).unwrap(), &news).unwrap();
-        assert_eq!(empty, merged::merge_into_empty(&news).unwrap());
+        let mut alone = Archive::default();
+        alone.apply(&news);
+        assert_eq!(empty, bincode::serialize(&alone).unwrap());
     }
 
     /// Base + deltas give the same per-image state as applying every epoch in memory,
