@@ -1,8 +1,9 @@
 //! The ingest dataflow, on one screen: source → embed → statistics → sinks → commit.
 //! Start reading here. Each worker runs [`run_worker`]: every worker lists the folders it
-//! owns and diffs the keys it owns against its arranged ledger (differential); worker 0 cuts the changes
-//! into epochs; every worker embeds the keys it owns; per-label statistics are a
-//! differential collection; worker 0 merges the moments and commits each epoch.
+//! owns and diffs the keys it owns against its part of the ledger (a differential
+//! arrangement); worker 0 cuts the changes into epochs; every worker embeds the keys it
+//! owns; per-label statistics are a differential collection; worker 0 merges the moments
+//! and commits each epoch.
 
 use crate::config::PipelineConfig;
 use crate::embed::operator::{embed, Outcome};
@@ -205,9 +206,9 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
 
     // Listing rounds, three steps each (see `Round`): worker 0 says whether a listing is
     // due; every worker lists the label folders it owns and sends each object to its
-    // key's owner, which diffs it against its arranged ledger; the owners send their changes
-    // to worker 0, which cuts them into epochs in a stable order (so epochs do not depend
-    // on the worker count).
+    // key's owner, which diffs it against its arranged ledger; the owners send their
+    // changes to worker 0, which cuts them into epochs in a stable order (so epochs do not
+    // depend on the worker count).
     let heartbeat = options
         .liveness
         .as_ref()

@@ -17,8 +17,9 @@
 use super::ListedObject;
 use crate::record::{Change, ChangeKind, ImageKey};
 use differential_dataflow::operators::arrange::{arrangement::arrange_core, TraceAgent};
+use differential_dataflow::trace::cursor::{cursor_list, CursorList};
 use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
-use differential_dataflow::trace::{cursor::cursor_list, Cursor, TraceReader};
+use differential_dataflow::trace::{BatchCursor, Cursor, TraceReader};
 use std::collections::HashSet;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Input;
@@ -30,8 +31,10 @@ use timely::progress::Antichain;
 pub type Round = u64;
 /// An update of the arranged ledger: `((key, version hash), round, diff)`.
 type Update = ((ImageKey, u64), Round, isize);
+/// The arranged ledger's batches.
+type Spine = ValSpine<ImageKey, u64, Round, isize>;
 /// The arranged ledger of one worker.
-type Trace = TraceAgent<ValSpine<ImageKey, u64, Round, isize>>;
+type Trace = TraceAgent<Spine>;
 
 /// One worker's part of the ledger: its input and its arrangement.
 pub struct Ledger {
@@ -77,29 +80,35 @@ impl Ledger {
         self.trace.set_physical_compaction(frontier.borrow());
     }
 
-    /// Changes that bring the arranged keys to `listing` (this owner's objects of one
-    /// complete round, sorted by key), in key order; records them as this round's
-    /// updates. The trace must hold every earlier round (the caller waits on the probe).
-    pub fn diff(&mut self, listing: &[ListedObject]) -> Vec<Change> {
-        self.diff_except(listing, &HashSet::new())
-    }
-
-    /// [`Self::diff`] for a round that skipped the folders in `unchanged`: their keys stay
-    /// as last listed (the cursor jumps over them).
-    pub fn diff_except(
+    /// A cursor over everything the trace holds, with the batches it reads.
+    fn cursor(
         &mut self,
-        listing: &[ListedObject],
-        unchanged: &HashSet<String>,
-    ) -> Vec<Change> {
-        debug_assert!(listing.windows(2).all(|w| w[0].key < w[1].key));
-        let round = self.input.time().clone();
+    ) -> (
+        CursorList<BatchCursor<Spine>>,
+        Vec<<Spine as TraceReader>::Batch>,
+    ) {
         let mut upper = Antichain::new();
         self.trace.read_upper(&mut upper);
         let batches = self
             .trace
             .batches_through(upper.borrow())
             .expect("the ledger trace is readable through its upper");
-        let (mut cursor, storage) = cursor_list(batches);
+        cursor_list(batches)
+    }
+
+    /// Changes that bring the arranged keys to `listing` (this owner's objects of one
+    /// complete round, sorted by key), in key order, except in the folders in `unchanged`
+    /// (skipped this round: their keys stay as last listed, and the cursor jumps over
+    /// them); records them as this round's updates. The trace must hold every earlier
+    /// round (the caller waits on the probe).
+    pub fn diff_except(
+        &mut self,
+        listing: &[ListedObject],
+        unchanged: &HashSet<String>,
+    ) -> Vec<Change> {
+        debug_assert!(listing.windows(2).all(|w| w[0].key < w[1].key));
+        let round = *self.input.time();
+        let (mut cursor, storage) = self.cursor();
         let mut changes = Vec::new();
         let mut updates: Vec<Update> = Vec::new();
         let mut listed = listing.iter().peekable();
@@ -155,28 +164,6 @@ impl Ledger {
         drop((cursor, storage));
         self.input.send_batch(&mut updates);
         changes
-    }
-
-    /// Live keys in the trace (for the log; walks the whole shard).
-    pub fn len(&mut self) -> usize {
-        let mut upper = Antichain::new();
-        self.trace.read_upper(&mut upper);
-        let batches = self
-            .trace
-            .batches_through(upper.borrow())
-            .expect("readable");
-        let (mut cursor, storage) = cursor_list(batches);
-        let mut n = 0;
-        while cursor.key_valid(&storage) {
-            n += usize::from(current(&mut cursor, &storage).is_some());
-            cursor.step_key(&storage);
-        }
-        n
-    }
-
-    /// True when no key is live.
-    pub fn is_empty(&mut self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -282,8 +269,15 @@ pub(crate) mod tests {
             self.diff_except(listing, &HashSet::new())
         }
 
+        /// Live keys in the trace (walks all of it).
         pub(crate) fn len(&mut self) -> usize {
-            self.ledger.len()
+            let (mut cursor, storage) = self.ledger.cursor();
+            let mut n = 0;
+            while cursor.key_valid(&storage) {
+                n += usize::from(current(&mut cursor, &storage).is_some());
+                cursor.step_key(&storage);
+            }
+            n
         }
     }
 
