@@ -70,20 +70,27 @@ impl Embedding {
     /// range (|x| >= 2^11), which would silently corrupt the moments otherwise.
     pub fn quantize(values: &[f32]) -> Result<Self, String> {
         let limit = (i32::MAX as f64) / FIXED_POINT_SCALE;
-        values
+        // One branch-free check of every value (NaN fails the comparison too), then a
+        // plain conversion: both loops vectorise, a per-value `Result` does not.
+        let in_range = values
             .iter()
-            .map(|&x| {
-                let x = x as f64;
-                if !x.is_finite() || x.abs() >= limit {
-                    Err(format!(
-                        "embedding value {x} is outside the fixed-point range ±{limit}"
-                    ))
-                } else {
-                    Ok((x * FIXED_POINT_SCALE).round() as i32)
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Embedding)
+            .fold(true, |ok, &x| ok & ((x as f64).abs() < limit));
+        if !in_range {
+            let x = values
+                .iter()
+                .map(|&x| x as f64)
+                .find(|x| !(x.abs() < limit))
+                .expect("a value out of range");
+            return Err(format!(
+                "embedding value {x} is outside the fixed-point range ±{limit}"
+            ));
+        }
+        Ok(Embedding(
+            values
+                .iter()
+                .map(|&x| round_half_away(x as f64 * FIXED_POINT_SCALE) as i32)
+                .collect(),
+        ))
     }
 
     /// The values as f32. Exact for |x| < 8 (the quantized value needs at most 24 bits),
@@ -197,6 +204,22 @@ pub struct ErrorRecord {
     pub epoch: Epoch,
 }
 
+/// `y.round()` (half away from zero) for |y| < 2^52, inline: `f64::round` (and `trunc`)
+/// are libm calls on baseline x86-64, and quantizing is a large part of reading a stored
+/// embedding back. The truncating cast and the remainder are exact in that range, so the
+/// result is the same.
+fn round_half_away(y: f64) -> f64 {
+    let t = y as i64 as f64;
+    let rest = y - t;
+    if rest >= 0.5 {
+        t + 1.0
+    } else if rest <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +244,35 @@ mod tests {
         assert_eq!(Embedding::quantize(&e.to_f32()).unwrap(), e);
         assert!(Embedding::quantize(&[f32::NAN]).is_err());
         assert!(Embedding::quantize(&[5000.0]).is_err());
+    }
+
+    #[test]
+    fn inline_rounding_equals_round() {
+        let mut values = vec![
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            0.49999999999999994,
+            -2.0,
+            0.0,
+            -0.0,
+        ];
+        let mut s = 3u64;
+        for _ in 0..100_000 {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let f = f32::from_bits((s >> 32) as u32);
+            if f.is_finite() && (f as f64).abs() < 2048.0 {
+                values.push(f as f64 * FIXED_POINT_SCALE);
+                values.push((s >> 40) as f64 / 2.0 - (1u64 << 22) as f64);
+            }
+        }
+        for y in values {
+            assert_eq!(round_half_away(y), y.round(), "{y}");
+        }
     }
 
     #[test]

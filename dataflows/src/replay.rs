@@ -1,12 +1,14 @@
 //! Replay: rebuilds every statistic from the stored embeddings of an output, without
-//! running the model: exact moments (bit-identical to the streamed ones, which it
-//! checks), the PCA, and a KMeans folded in over the live images file by file. Use it to verify
+//! running the model: exact moments and per-label statistics (bit-identical to the
+//! streamed ones, which it checks), the PCA, and a KMeans folded in over the live images file by file. Use it to verify
 //! an output, or to refit with other `[pca]`/`[kmeans]` settings.
 
+use crate::record::ImageRow;
 use crate::sink::OutputStore;
-use crate::state::{live_files, load_committed, read_live_file, Archive, Checkpoint};
-use crate::stats::{KMeansConfig, Models, Moments, MomentsAccumulator, PcaConfig};
+use crate::state::{live_files, load_committed, read_live_image_rows, Archive, Checkpoint};
+use crate::stats::{KMeansConfig, LabelStats, Models, Moments, MomentsAccumulator, PcaConfig};
 use anyhow::Result;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -28,6 +30,10 @@ pub struct Replay {
     pub kmeans_s: f64,
     /// True when the rebuilt moments equal the streamed ones bit for bit.
     pub moments_identical: bool,
+    /// The rebuilt per-label statistics (count and exact sum).
+    pub labels: BTreeMap<String, LabelStats>,
+    /// True when they equal the streamed ones.
+    pub labels_identical: bool,
 }
 
 /// Rebuilds the statistics of `store`'s committed state in two streaming passes over the
@@ -49,6 +55,7 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
                 scope.spawn(|| -> Result<Part> {
                     let mut part = Part {
                         acc: MomentsAccumulator::new(dim),
+                        labels: BTreeMap::new(),
                         images: 0,
                         read_s: 0.0,
                         moments_s: 0.0,
@@ -59,11 +66,19 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
                             return Ok(part);
                         };
                         let t = Instant::now();
-                        let rows = read_live_file(store, &checkpoint, &archive, name, *epoch)?;
+                        let rows =
+                            read_live_image_rows(store, &checkpoint, &archive, name, *epoch)?;
                         part.read_s += t.elapsed().as_secs_f64();
                         let t = Instant::now();
-                        for (row, _) in &rows {
+                        for row in &rows {
                             part.acc.add(&row.embedding, 1);
+                            if let Some(stats) = part.labels.get_mut(&row.label.0) {
+                                stats.add(&row.embedding, 1);
+                            } else {
+                                let mut stats = LabelStats::default();
+                                stats.add(&row.embedding, 1);
+                                part.labels.insert(row.label.0.clone(), stats);
+                            }
                         }
                         part.images += rows.len();
                         part.moments_s += t.elapsed().as_secs_f64();
@@ -77,6 +92,7 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
             .collect()
     });
     let mut moments = Moments::new(dim);
+    let mut labels: BTreeMap<String, LabelStats> = BTreeMap::new();
     let (mut read_s, mut moments_s, mut images) = (0.0, 0.0, 0);
     for part in parts {
         let part = part?;
@@ -84,8 +100,19 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         moments_s += part.moments_s;
         images += part.images;
         moments.merge(&part.acc.finish());
+        for (label, stats) in part.labels {
+            let total = labels.entry(label).or_default();
+            total.n += stats.n;
+            total.sum.resize(stats.sum.len().max(total.sum.len()), 0);
+            total
+                .sum
+                .iter_mut()
+                .zip(&stats.sum)
+                .for_each(|(t, s)| *t += s);
+        }
     }
     let moments_identical = moments == checkpoint.models.moments;
+    let labels_identical = labels == checkpoint.labels;
 
     let started = Instant::now();
     let mut models = Models::new(dim);
@@ -93,32 +120,23 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
     models.pca = crate::stats::pca::fit(&models.moments, pca);
     let pca_s = started.elapsed().as_secs_f64();
 
-    // Pass 2: the KMeans folds files in order; a reader thread decodes the next file
-    // meanwhile (one file ahead).
+    // Pass 2: the KMeans folds files in order. Every core decodes one file of the next
+    // window while nothing else runs (decoding is most of this pass: the fold is k dot
+    // products per point), then the window is folded in file order; memory: a window.
+    // (Folding one window while decoding the next measured no faster: the fold's own
+    // parallel part then competes with the decoding.)
     let started = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let (send, receive) = std::sync::mpsc::sync_channel(1);
-        let (files, checkpoint, archive) = (&files, &checkpoint, &archive);
-        scope.spawn(move || {
-            for (name, epoch) in files {
-                let rows = read_live_file(store, checkpoint, archive, name, *epoch);
-                let failed = rows.is_err();
-                if send.send(rows).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        for rows in receive {
-            let points = rows?
-                .into_iter()
-                .map(|(r, _)| (r.key, r.embedding, 1))
-                .collect();
-            // Nothing else runs: the projections (k x d per point, most of this pass)
-            // use every core.
+    for window in files.chunks(threads.max(1)) {
+        use rayon::prelude::*;
+        let decoded: Vec<Result<Vec<ImageRow>>> = window
+            .par_iter()
+            .map(|(name, epoch)| read_live_image_rows(store, &checkpoint, &archive, name, *epoch))
+            .collect();
+        for rows in decoded {
+            let points = rows?.into_iter().map(|r| (r.key, r.embedding, 1)).collect();
             models.fold_points_with(points, kmeans, faer::Par::rayon(0));
         }
-        Ok(())
-    })?;
+    }
     let kmeans_s = started.elapsed().as_secs_f64();
     Ok(Replay {
         images,
@@ -129,12 +147,15 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         pca_s,
         kmeans_s,
         moments_identical,
+        labels,
+        labels_identical,
     })
 }
 
 /// One pass-1 thread's share.
 struct Part {
     acc: MomentsAccumulator,
+    labels: BTreeMap<String, LabelStats>,
     images: usize,
     read_s: f64,
     moments_s: f64,

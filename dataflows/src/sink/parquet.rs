@@ -177,8 +177,27 @@ impl<W: std::io::Write + Send> ExportWriter<W> {
 
 /// Decodes a file written by [`encode_rows`].
 pub fn decode_rows(bytes: Vec<u8>) -> Result<Vec<StoredRow>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))?.build()?;
     let mut rows = Vec::new();
+    for_each_row(bytes, |path, label, features| {
+        rows.push(StoredRow {
+            path: path.to_string(),
+            label: label.to_string(),
+            features: features.to_vec(),
+        });
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Calls `each(path, label, features)` for every stored row, borrowing from the decoded
+/// batch: readers that keep only part of a row (replay keeps the quantized embedding)
+/// copy nothing else. The features are sliced from the list's flat values by its
+/// offsets, not taken out as one array per row.
+pub fn for_each_row(
+    bytes: Vec<u8>,
+    mut each: impl FnMut(&str, &str, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))?.build()?;
     for batch in reader {
         let batch = batch?;
         let column = |name: &str| {
@@ -198,20 +217,19 @@ pub fn decode_rows(bytes: Vec<u8>) -> Result<Vec<StoredRow>> {
             .as_any()
             .downcast_ref::<ListArray>()
             .context("features is not a list")?;
+        let values = features
+            .values()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .context("features are not float32")?
+            .values();
+        let offsets = features.value_offsets();
         for i in 0..batch.num_rows() {
-            let values = features.value(i);
-            let values = values
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .context("features are not float32")?;
-            rows.push(StoredRow {
-                path: paths.value(i).to_string(),
-                label: labels.value(i).to_string(),
-                features: values.values().to_vec(),
-            });
+            let (from, to) = (offsets[i] as usize, offsets[i + 1] as usize);
+            each(paths.value(i), labels.value(i), &values[from..to])?;
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 #[cfg(test)]

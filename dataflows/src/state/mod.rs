@@ -1045,6 +1045,41 @@ pub fn read_live_file(
     Ok(live)
 }
 
+/// The live rows of one embeddings file as the statistics see them (key, label,
+/// quantized embedding), in key order: [`read_live_file`] without the stored float copy
+/// of every embedding, for readers that fold rows into statistics (replay).
+pub fn read_live_image_rows(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    archive: &Archive,
+    name: &str,
+    epoch: Epoch,
+) -> Result<Vec<crate::record::ImageRow>> {
+    let root = format!("{}/", checkpoint.source);
+    let bytes = store
+        .get(name)?
+        .with_context(|| format!("{name} vanished"))?;
+    let mut live = Vec::new();
+    crate::sink::parquet::for_each_row(bytes, |path, label, features| {
+        let Some(key) = path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
+            return Ok(());
+        };
+        if archive.is_live_in(&key, epoch) {
+            let embedding = crate::record::Embedding::quantize(features)
+                .map_err(|e| anyhow::anyhow!("row {path}: {e}"))?;
+            live.push(crate::record::ImageRow {
+                key,
+                label: crate::record::Label(label.to_string()),
+                embedding,
+            });
+        }
+        Ok(())
+    })
+    .with_context(|| format!("reading {name}"))?;
+    live.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(live)
+}
+
 /// Every live image of a committed state, in key order. Holds every row in memory: for
 /// readers that need all points at once (kNN, the batch twins in tests and examples).
 pub fn live_rows(

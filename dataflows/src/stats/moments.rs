@@ -130,6 +130,9 @@ const F64_EXACT: u128 = 1 << 53;
 /// enough that a batch of Lite0 rows (|x| < 6·2^20) stays below `F64_EXACT`.
 const MAX_BATCH: usize = 256;
 
+/// Columns of the batch product computed at a time (1.3 MB of f64 at d = 1280).
+const PRODUCT_COLUMNS: usize = 128;
+
 /// Accumulates a worker's images into [`Moments`] exactly, fast.
 ///
 /// Rows are buffered and their outer products summed as one f64 matrix product
@@ -150,6 +153,8 @@ pub struct MomentsAccumulator {
     /// Buffered rows added (+1) and retracted (−1), each with its f64 bound.
     plus: Batch,
     minus: Batch,
+    /// A block of columns of the batch product (see `flush_batch`), kept between flushes.
+    product: Vec<f64>,
     par: faer::Par,
 }
 
@@ -183,6 +188,7 @@ impl MomentsAccumulator {
             bound: 0,
             plus: Batch::default(),
             minus: Batch::default(),
+            product: Vec::new(),
             par,
         }
     }
@@ -273,29 +279,38 @@ impl MomentsAccumulator {
         self.bound += batch.bound;
         let d = self.total.dim;
         let a = faer::MatRef::from_row_major_slice(&batch.rows, batch.len, d);
-        let mut c = faer::Mat::<f64>::zeros(d, d);
-        use faer::linalg::matmul::triangular::{matmul, BlockStructure};
-        matmul(
-            c.as_mut(),
-            BlockStructure::TriangularLower,
-            faer::Accum::Replace,
-            a.transpose(),
-            BlockStructure::Rectangular,
-            a,
-            BlockStructure::Rectangular,
-            1.0,
-            self.par,
-        );
-        // Column i of the lower triangle is row i of the packed upper triangle.
         let sign = if negative { -1 } else { 1 };
-        let mut at = 0;
-        for i in 0..d {
-            let column = c.col(i);
-            let row = &mut self.fast[at..at + (d - i)];
-            for (j, acc) in (i..d).zip(row.iter_mut()) {
-                *acc += sign * column[j] as i64;
+        // The lower triangle of AᵀA a block of columns at a time: a d x d product buffer
+        // would be 13 MB at d = 1280, zeroed and page-faulted at every flush. Each entry
+        // is the same exact integer whatever the blocking.
+        let mut from = 0;
+        while from < d {
+            let to = (from + PRODUCT_COLUMNS).min(d);
+            let rows = d - from;
+            self.product.resize(rows * (to - from), 0.0);
+            let c = faer::MatMut::from_column_major_slice_mut(
+                &mut self.product[..rows * (to - from)],
+                rows,
+                to - from,
+            );
+            faer::linalg::matmul::matmul(
+                c,
+                faer::Accum::Replace,
+                a.subcols(from, rows).transpose(),
+                a.subcols(from, to - from),
+                1.0,
+                self.par,
+            );
+            // Column i of the lower triangle (rows i..d) is row i of the packed upper one.
+            for i in from..to {
+                let column = &self.product[(i - from) * rows..(i - from + 1) * rows];
+                let at = self.total.packed(i, i);
+                let packed = &mut self.fast[at..at + (d - i)];
+                for (acc, &v) in packed.iter_mut().zip(&column[i - from..]) {
+                    *acc += sign * v as i64;
+                }
             }
-            at += d - i;
+            from = to;
         }
         // Keep the allocation for the next batch.
         let slot = self.batch(negative);
