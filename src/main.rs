@@ -197,22 +197,15 @@ fn replay(
         total,
         n / total.max(1e-9)
     );
+    let verdict = |identical: bool| if identical { "yes, bit for bit" } else { "NO" };
     println!(
         "moments equal to the streamed state: {}",
-        if r.moments_identical {
-            "yes, bit for bit"
-        } else {
-            "NO"
-        }
+        verdict(r.moments_identical)
     );
     println!(
         "per-label statistics ({} labels) equal to the streamed state: {}",
         r.labels.len(),
-        if r.labels_identical {
-            "yes, bit for bit"
-        } else {
-            "NO"
-        }
+        verdict(r.labels_identical)
     );
     if let Some(pca) = &r.models.pca {
         println!(

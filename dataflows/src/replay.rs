@@ -101,14 +101,7 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         images += part.images;
         moments.merge(&part.acc.finish());
         for (label, stats) in part.labels {
-            let total = labels.entry(label).or_default();
-            total.n += stats.n;
-            total.sum.resize(stats.sum.len().max(total.sum.len()), 0);
-            total
-                .sum
-                .iter_mut()
-                .zip(&stats.sum)
-                .for_each(|(t, s)| *t += s);
+            labels.entry(label).or_default().merge(&stats);
         }
     }
     let moments_identical = moments == checkpoint.models.moments;

@@ -15,7 +15,7 @@
 //! fixed function of what is already published. Memory: the d x d precision plus d x C
 //! weights, independent of the archive size.
 
-use crate::stats::{LabelStats, Moments, PcaModel};
+use crate::stats::{dot, LabelStats, Moments, PcaModel};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
 use serde::{Deserialize, Serialize};
@@ -243,25 +243,6 @@ fn oas(scatter: &Mat<f64>, n: f64) -> f64 {
     } else {
         (num / den).clamp(0.0, 1.0)
     }
-}
-
-/// Dot product with eight independent sums, so the compiler can keep them in vector
-/// registers (a single running sum is a serial dependency chain).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

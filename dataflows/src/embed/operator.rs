@@ -214,18 +214,20 @@ impl Rows {
             .unwrap_or_else(|e| panic!("reading {name} to retract {} rows: {e:#}", keys.len()));
         let wanted: HashMap<String, &ImageKey> =
             keys.iter().map(|k| (self.source.path_of(k), k)).collect();
-        let rows: Vec<ImageRow> = crate::sink::parquet::decode_rows(bytes)
-            .unwrap_or_else(|e| panic!("decoding {name}: {e:#}"))
-            .into_iter()
-            .filter_map(|stored| {
-                let key = (*wanted.get(&stored.path)?).clone();
-                Some(
-                    stored
-                        .to_image_row(key, &name)
-                        .unwrap_or_else(|e| panic!("{e:#}")),
-                )
-            })
-            .collect();
+        // Only the wanted rows are quantized; the rest of the file is not copied out.
+        let mut rows: Vec<ImageRow> = Vec::with_capacity(keys.len());
+        crate::sink::parquet::for_each_row(bytes, |path, label, features| {
+            if let Some(&key) = wanted.get(path) {
+                rows.push(crate::sink::parquet::image_row(
+                    key.clone(),
+                    path,
+                    label,
+                    features,
+                )?);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("decoding {name}: {e:#}"));
         assert_eq!(
             rows.len(),
             keys.len(),

@@ -23,22 +23,22 @@ pub struct StoredRow {
     pub features: Vec<f32>,
 }
 
-impl StoredRow {
-    /// The row as the statistics see it, under `key` (`file` names the embeddings file,
-    /// for the error). Exact: stored f32 values re-quantize to the same integers.
-    pub fn to_image_row(
-        &self,
-        key: crate::record::ImageKey,
-        file: &str,
-    ) -> Result<crate::record::ImageRow> {
-        let embedding = crate::record::Embedding::quantize(&self.features)
-            .map_err(|e| anyhow::anyhow!("{file}: row {}: {e}", self.path))?;
-        Ok(crate::record::ImageRow {
-            key,
-            label: crate::record::Label(self.label.clone()),
-            embedding,
-        })
-    }
+/// A stored row (`path`, `label`, `features`, as [`for_each_row`] gives them) as the
+/// statistics see it, under `key`. Exact: stored f32 values re-quantize to the same
+/// integers. The error names the row; the caller's context names the file.
+pub fn image_row(
+    key: crate::record::ImageKey,
+    path: &str,
+    label: &str,
+    features: &[f32],
+) -> Result<crate::record::ImageRow> {
+    let embedding = crate::record::Embedding::quantize(features)
+        .map_err(|e| anyhow::anyhow!("row {path}: {e}"))?;
+    Ok(crate::record::ImageRow {
+        key,
+        label: crate::record::Label(label.to_string()),
+        embedding,
+    })
 }
 
 /// An exported row: a stored row with its PCA features and cluster.
@@ -175,20 +175,6 @@ impl<W: std::io::Write + Send> ExportWriter<W> {
     }
 }
 
-/// Decodes a file written by [`encode_rows`].
-pub fn decode_rows(bytes: Vec<u8>) -> Result<Vec<StoredRow>> {
-    let mut rows = Vec::new();
-    for_each_row(bytes, |path, label, features| {
-        rows.push(StoredRow {
-            path: path.to_string(),
-            label: label.to_string(),
-            features: features.to_vec(),
-        });
-        Ok(())
-    })?;
-    Ok(rows)
-}
-
 /// Calls `each(path, label, features)` for every stored row, borrowing from the decoded
 /// batch: readers that keep only part of a row (replay keeps the quantized embedding)
 /// copy nothing else. The features are sliced from the list's flat values by its
@@ -235,6 +221,20 @@ pub fn for_each_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decodes a file written by [`encode_rows`] into whole rows.
+    fn decode_rows(bytes: Vec<u8>) -> Result<Vec<StoredRow>> {
+        let mut rows = Vec::new();
+        for_each_row(bytes, |path, label, features| {
+            rows.push(StoredRow {
+                path: path.to_string(),
+                label: label.to_string(),
+                features: features.to_vec(),
+            });
+            Ok(())
+        })?;
+        Ok(rows)
+    }
 
     #[test]
     fn rows_round_trip() {

@@ -1025,22 +1025,22 @@ pub fn read_live_file(
     name: &str,
     epoch: Epoch,
 ) -> Result<Vec<(crate::record::ImageRow, crate::sink::parquet::StoredRow)>> {
-    let root = format!("{}/", checkpoint.source);
-    let bytes = store
-        .get(name)?
-        .with_context(|| format!("{name} vanished"))?;
-    let rows =
-        crate::sink::parquet::decode_rows(bytes).with_context(|| format!("reading {name}"))?;
     let mut live = Vec::new();
-    for stored in rows {
-        let Some(key) = stored.path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
-            continue;
-        };
-        if !archive.is_live_in(&key, epoch) {
-            continue;
-        }
-        live.push((stored.to_image_row(key, name)?, stored));
-    }
+    for_each_live_row(
+        store,
+        checkpoint,
+        archive,
+        name,
+        epoch,
+        |row, path, features| {
+            let stored = crate::sink::parquet::StoredRow {
+                path: path.to_string(),
+                label: row.label.0.clone(),
+                features: features.to_vec(),
+            };
+            live.push((row, stored));
+        },
+    )?;
     live.sort_by(|a, b| a.0.key.cmp(&b.0.key));
     Ok(live)
 }
@@ -1055,29 +1055,39 @@ pub fn read_live_image_rows(
     name: &str,
     epoch: Epoch,
 ) -> Result<Vec<crate::record::ImageRow>> {
+    let mut live = Vec::new();
+    for_each_live_row(store, checkpoint, archive, name, epoch, |row, _, _| {
+        live.push(row)
+    })?;
+    live.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(live)
+}
+
+/// Calls `each(row, path, features)` for every row of one embeddings file that is live
+/// in it (keys are the stored paths relative to the checkpoint's source), in file order.
+fn for_each_live_row(
+    store: &dyn OutputStore,
+    checkpoint: &Checkpoint,
+    archive: &Archive,
+    name: &str,
+    epoch: Epoch,
+    mut each: impl FnMut(crate::record::ImageRow, &str, &[f32]),
+) -> Result<()> {
     let root = format!("{}/", checkpoint.source);
     let bytes = store
         .get(name)?
         .with_context(|| format!("{name} vanished"))?;
-    let mut live = Vec::new();
     crate::sink::parquet::for_each_row(bytes, |path, label, features| {
         let Some(key) = path.strip_prefix(&root).map(|k| ImageKey(k.into())) else {
             return Ok(());
         };
         if archive.is_live_in(&key, epoch) {
-            let embedding = crate::record::Embedding::quantize(features)
-                .map_err(|e| anyhow::anyhow!("row {path}: {e}"))?;
-            live.push(crate::record::ImageRow {
-                key,
-                label: crate::record::Label(label.to_string()),
-                embedding,
-            });
+            let row = crate::sink::parquet::image_row(key, path, label, features)?;
+            each(row, path, features);
         }
         Ok(())
     })
-    .with_context(|| format!("reading {name}"))?;
-    live.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok(live)
+    .with_context(|| format!("reading {name}"))
 }
 
 /// Every live image of a committed state, in key order. Holds every row in memory: for

@@ -6,6 +6,7 @@
 //! StreamingKMeans-style decay). The result depends only on the epoch's contents, never
 //! on worker count or arrival order within it.
 
+use super::dot;
 use super::pca::PcaModel;
 use crate::record::{Embedding, ImageKey};
 use serde::{Deserialize, Serialize};
@@ -283,24 +284,6 @@ impl Scores {
             _ => xs.par_iter().map(|x| self.nearest(x)).collect(),
         }
     }
-}
-
-/// Dot product in four lanes (vectorisable, fixed order: deterministic).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0.0f64; 4];
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = a4
-        .remainder()
-        .iter()
-        .zip(b4.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a4.zip(b4) {
-        for l in 0..4 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
 }
 
 /// Squared distance, summed in four lanes so the compiler can vectorise it (a strict

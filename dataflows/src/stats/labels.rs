@@ -41,6 +41,17 @@ impl LabelStats {
         }
     }
 
+    /// Adds another part's statistics of the same label (exact).
+    pub fn merge(&mut self, other: &LabelStats) {
+        self.n += other.n;
+        if self.sum.len() < other.sum.len() {
+            self.sum.resize(other.sum.len(), 0);
+        }
+        for (s, &v) in self.sum.iter_mut().zip(&other.sum) {
+            *s += v;
+        }
+    }
+
     /// True when nothing is left (differential drops such a record from the collection).
     pub fn is_zero(&self) -> bool {
         self.n == 0 && self.sum.iter().all(|&s| s == 0)
