@@ -48,6 +48,7 @@ fn main() {
     let cli = Cli::parse();
     tune_allocator(&cli.command);
     fruits_dataflows::embed::no_transparent_huge_pages();
+    fruits_dataflows::embed::return_freed_native_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -201,6 +201,26 @@ pub fn no_transparent_huge_pages() {
     }
 }
 
+/// Makes glibc's malloc (which onnxruntime allocates with; Rust code uses mimalloc)
+/// give freed memory back: by default its mmap threshold rises with each large free,
+/// so the model parse and graph optimisation of every onnxruntime session stay in the
+/// heap as free, resident pages. Fixing the thresholds cut `run --once -w 2` on 5,107
+/// images from ~420 MB to ~380 MB peak at no measurable cost in time. Call before
+/// loading a model; `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_` in the
+/// environment win.
+pub fn return_freed_native_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (option, var, value) in [
+        (libc::M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 1 << 20),
+        (libc::M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 128 << 10),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: mallopt takes plain integers; glibc applies them to later frees.
+            unsafe { libc::mallopt(option, value) };
+        }
+    }
+}
+
 fn parse(model: &std::path::Path) -> Result<InferenceModel> {
     tract_onnx::onnx()
         .model_for_path(model)
