@@ -57,13 +57,15 @@ impl Models {
     pub fn apply_epoch(
         &mut self,
         epoch: u64,
-        partials: &[moments::Partial],
+        partials: Vec<moments::Partial>,
         points: Vec<kmeans::EpochPoint>,
         pca: &PcaConfig,
         kmeans: &KMeansConfig,
     ) {
+        // Each partial (up to 13 MB) is dropped once folded, before the refit's
+        // eigendecomposition allocates its own d x d matrices.
         for partial in partials {
-            self.moments.fold(partial);
+            self.moments.fold(&partial);
         }
         self.changes_since_fit += points.len() as u64;
         if self.refit_due(pca) {
@@ -167,7 +169,7 @@ mod tests {
             } else {
                 moments::Partial::Rows(new.iter().map(|(_, e, d)| (e.clone(), *d)).collect())
             };
-            models.apply_epoch(epoch, &[partial], new, &config, &kmeans);
+            models.apply_epoch(epoch, vec![partial], new, &config, &kmeans);
             let pca = models.pca.as_ref().unwrap();
             if models.pca_epoch == epoch {
                 fitted_at.push(epoch);
@@ -194,10 +196,22 @@ mod tests {
         let mut m = Models::new(4);
         let new: Vec<_> = (0..20).map(point).collect();
         let partial = moments::moments_of(4, new.iter().map(|(_, e, d)| (e, *d)));
-        m.apply_epoch(1, &[moments::Partial::Dense(partial)], new, &every, &kmeans);
+        m.apply_epoch(
+            1,
+            vec![moments::Partial::Dense(partial)],
+            new,
+            &every,
+            &kmeans,
+        );
         let one = vec![point(500)];
         let partial = moments::moments_of(4, one.iter().map(|(_, e, d)| (e, *d)));
-        m.apply_epoch(2, &[moments::Partial::Dense(partial)], one, &every, &kmeans);
+        m.apply_epoch(
+            2,
+            vec![moments::Partial::Dense(partial)],
+            one,
+            &every,
+            &kmeans,
+        );
         assert_eq!(m.pca_epoch, 2, "1 change in 21 is over the default 1 %");
     }
 }

@@ -98,6 +98,19 @@ impl Moments {
         match partial {
             Partial::Rows(rows) => rows.iter().for_each(|(e, diff)| self.add_row(e, *diff)),
             Partial::Dense(m) => self.merge(m),
+            Partial::Narrow { n, sum, ss } => {
+                assert_eq!(
+                    (self.sum.len(), self.ss.len()),
+                    (sum.len(), ss.len()),
+                    "merging moments of different dimension"
+                );
+                self.n += n;
+                self.sum.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+                self.ss
+                    .iter_mut()
+                    .zip(ss)
+                    .for_each(|(a, &b)| *a += i128::from(b));
+            }
         }
     }
 
@@ -117,6 +130,17 @@ pub enum Partial {
     Rows(Vec<(Embedding, i64)>),
     /// Their moments.
     Dense(Moments),
+    /// Their moments with the matrix in i64, as an epoch's sums are unless it holds
+    /// ~200k Lite0 images: half the bytes of `Dense` (6.5 MB instead of 13 at d = 1280)
+    /// per worker and epoch, sent to worker 0 and held there until the epoch is folded.
+    Narrow {
+        /// Images added minus retracted.
+        n: i64,
+        /// Per-dimension sums.
+        sum: Vec<i64>,
+        /// Packed upper triangle of the sum of outer products.
+        ss: Vec<i64>,
+    },
 }
 
 /// Rows a worker keeps as such before summing them densely (a dense partial costs
@@ -333,6 +357,21 @@ impl MomentsAccumulator {
         self.bound = 0;
     }
 
+    /// The sums as a partial to merge elsewhere: [`Partial::Narrow`] while the i64
+    /// matrix never overflowed (no conversion, no copy), else [`Partial::Dense`].
+    pub fn finish_partial(mut self) -> Partial {
+        self.flush_batch(false);
+        self.flush_batch(true);
+        if !self.wide.is_empty() {
+            return Partial::Dense(self.finish());
+        }
+        Partial::Narrow {
+            n: self.total.n,
+            sum: std::mem::take(&mut self.total.sum),
+            ss: std::mem::take(&mut self.fast),
+        }
+    }
+
     /// The exact moments of everything added.
     pub fn finish(mut self) -> Moments {
         self.flush_batch(false);
@@ -453,5 +492,13 @@ mod tests {
             head.iter().map(|(e, d)| (e, *d)),
         )));
         assert_eq!(folded, fast);
+        let mut narrow = Moments::new(dim);
+        let mut acc = MomentsAccumulator::new(dim);
+        head.iter().for_each(|(e, d)| acc.add(e, *d));
+        let partial = acc.finish_partial();
+        assert!(matches!(partial, Partial::Narrow { .. }));
+        narrow.fold(&partial);
+        narrow.fold(&Partial::Rows(tail.to_vec()));
+        assert_eq!(narrow, fast);
     }
 }

@@ -6,7 +6,7 @@
 
 use super::moments::Moments;
 use crate::record::FIXED_POINT_SHIFT;
-use faer::{Mat, Side};
+use faer::Mat;
 use serde::{Deserialize, Serialize};
 
 /// How many components to keep (`[stats]` in the config).
@@ -168,8 +168,7 @@ pub fn fit(moments: &Moments, config: &PcaConfig) -> Option<PcaModel> {
             corr[(j, i)] = r;
         }
     }
-    let evd = corr.self_adjoint_eigen(Side::Lower).ok()?;
-    let (u, s) = (evd.U(), evd.S().column_vector());
+    let (u, s) = symmetric_eigen(corr)?;
     // faer sorts ascending; PCA wants descending.
     let order: Vec<usize> = (0..d).rev().collect();
     let eigenvalues: Vec<f64> = order.iter().map(|&c| s[c].max(0.0)).collect();
@@ -195,6 +194,74 @@ pub fn fit(moments: &Moments, config: &PcaConfig) -> Option<PcaModel> {
         eigenvalues,
         explained_variance_ratio: ratios,
     })
+}
+
+/// Eigenvalues (ascending) and eigenvectors (columns) of the symmetric `a`, which it
+/// overwrites. This is faer's `self_adjoint_evd`, step for step, except that `a` is
+/// tridiagonalised in place: faer copies the input into a d x d workspace first, and at
+/// d = 1280 that copy is 13 MB more on every refit's peak, while the statistics stage
+/// is also holding the epoch in flight.
+fn symmetric_eigen(mut a: Mat<f64>) -> Option<(Mat<f64>, Vec<f64>)> {
+    use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+    use faer::linalg::{evd, householder, temp_mat_scratch};
+    let n = a.nrows();
+    if n < 2 {
+        return Some((
+            Mat::from_fn(n, n, |_, _| 1.0),
+            (0..n).map(|i| a[(i, i)]).collect(),
+        ));
+    }
+    let par = faer::get_global_parallelism();
+    let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<f64>(n, n);
+    let scratch = StackReq::any_of(&[
+        evd::tridiag::tridiag_in_place_scratch::<f64>(n, par, Default::default()),
+        // The tridiagonal solver: its copies of the diagonals, then divide and conquer
+        // (faer's `divide_and_conquer_scratch`, which is not public).
+        StackReq::all_of(&[
+            temp_mat_scratch::<f64>(n, 1).array(8),
+            StackReq::new::<usize>(n).array(4),
+            temp_mat_scratch::<f64>(n, n).array(2),
+        ]),
+        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(
+            n - 1,
+            bs,
+            n,
+        ),
+    ]);
+    let mut buffer = MemBuffer::new(scratch);
+    let stack = MemStack::new(&mut buffer);
+    let mut reflectors = Mat::<f64>::zeros(bs, n - 1);
+    evd::tridiag::tridiag_in_place(
+        a.as_mut(),
+        reflectors.as_mut(),
+        par,
+        stack,
+        Default::default(),
+    );
+    let diag: Vec<f64> = (0..n).map(|i| a[(i, i)]).collect();
+    let subdiag: Vec<f64> = (0..n - 1).map(|i| a[(i + 1, i)]).collect();
+    let mut values = faer::diag::Diag::<f64>::zeros(n);
+    let mut u = Mat::<f64>::zeros(n, n);
+    evd::tridiagonal_self_adjoint_evd(
+        faer::ColRef::from_slice(&diag).as_diagonal(),
+        faer::ColRef::from_slice(&subdiag).as_diagonal(),
+        values.as_mut(),
+        Some(u.as_mut()),
+        par,
+        stack,
+        Default::default(),
+    )
+    .ok()?;
+    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        a.as_ref().submatrix(1, 0, n - 1, n - 1),
+        reflectors.as_ref(),
+        faer::Conj::No,
+        u.as_mut().subrows_mut(1, n - 1),
+        par,
+        stack,
+    );
+    let values = (0..n).map(|i| values[i]).collect();
+    Some((u, values))
 }
 
 /// The fixed k, or the fewest components reaching the target variance; at least 1.
@@ -226,5 +293,32 @@ pub fn fix_sign(v: &mut [f64]) {
     }
     if v.get(at).is_some_and(|x| *x < 0.0) {
         v.iter_mut().for_each(|x| *x = -*x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-place eigendecomposition gives faer's `self_adjoint_eigen`, bit for bit,
+    /// above and below faer's divide-and-conquer threshold.
+    #[test]
+    fn in_place_eigen_equals_faers_self_adjoint_eigen() {
+        for n in [1, 2, 40, 300] {
+            let mut seed = 7u64 + n as u64;
+            let mut next = || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            };
+            let x = Mat::<f64>::from_fn(2 * n, n, |_, _| next());
+            let a = x.transpose() * &x;
+            let expected = a.self_adjoint_eigen(faer::Side::Lower).unwrap();
+            let (u, values) = symmetric_eigen(a.clone()).unwrap();
+            let s = expected.S().column_vector();
+            assert_eq!(values, (0..n).map(|i| s[i]).collect::<Vec<_>>(), "n = {n}");
+            assert_eq!(u, expected.U().to_owned(), "n = {n}");
+        }
     }
 }
