@@ -64,6 +64,33 @@ fn workers_and_processes_give_the_same_statistics() {
     assert_same_statistics(one.path(), four.path());
     assert_same_statistics(one.path(), three.path());
     assert_eq!(status(three.path())["images"], 40);
+
+    // The start-up listing in slices of key space of ~3 objects gives the same epochs
+    // (KMeans, which depends on them, agrees) as one whole listing.
+    let sliced = tempfile::tempdir().unwrap();
+    let config = sliced.path().join("p.toml");
+    std::fs::write(&config, "[source]\nepoch_size = 9\nlisting_slice = 3\n").unwrap();
+    let out = run_command(
+        fixtures().to_str().unwrap(),
+        sliced.path().to_str().unwrap(),
+        true,
+    )
+    .args(["-w", "2", "--config", config.to_str().unwrap()])
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .output()
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let slices: usize = log
+        .lines()
+        .find(|l| l.contains("Archive listed.") && l.contains("changes=40"))
+        .and_then(|l| l.split("slices=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no 'Archive listed. changes=40 slices=N' line in {log}"));
+    assert!(slices > 3, "{slices} slices");
+    assert_same_statistics(one.path(), sliced.path());
+    assert_eq!(status(one.path())["epoch"], status(sliced.path())["epoch"]);
 }
 
 /// Starts 3 tailing processes (one worker each) on fresh loopback ports, with

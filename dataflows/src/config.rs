@@ -19,6 +19,10 @@ pub struct SourceConfig {
     /// whose directory mtime has not moved; a file rewritten in place is seen at the next
     /// full round). 1: every round is full.
     pub full_listing_every: u64,
+    /// At start, the archive is listed and diffed one slice of key space at a time,
+    /// aiming at this many objects per slice, so a first listing of millions of objects is
+    /// never held whole (about 150 B per object, three times over). 0: one whole listing.
+    pub listing_slice: usize,
 }
 
 impl Default for SourceConfig {
@@ -27,6 +31,7 @@ impl Default for SourceConfig {
             poll_interval_ms: 2000,
             epoch_size: 2048,
             full_listing_every: 30,
+            listing_slice: 16384,
         }
     }
 }

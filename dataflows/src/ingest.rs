@@ -11,7 +11,7 @@ use crate::embed::{EmbedConfig, Embedder};
 use crate::progress::Progress;
 use crate::record::{Change, Epoch};
 use crate::sink::{operator::parquet, OutputStore};
-use crate::source::{Ledger, ListedObject, Source};
+use crate::source::{KeyRange, Ledger, ListedObject, Source};
 use crate::state::operator::{commit, CommitItem};
 use crate::state::{discard_uncommitted, Archive, Checkpoint};
 use crate::stats::operator::{label_stats, models, moment_partials};
@@ -231,26 +231,41 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         }
     }
     drop(restored_in);
-    let mut cutter = (index == 0).then(|| EpochCutter::new(options.once));
+    let mut cutter =
+        (index == 0).then(|| EpochCutter::new(options.once, config.source.listing_slice));
     let mut progress = (index == 0).then(|| Progress::new(options.single_process));
     let poll = Duration::from_millis(config.source.poll_interval_ms);
     // This worker's folders as last listed, and the listing rounds so far.
     let mut stamps = crate::source::FolderStamps::new();
     let mut listings: u64 = 0;
     loop {
-        // 1. A listing round, when worker 0's queue is empty (only the first with --once).
-        // Stopping: finish what is queued, list nothing new.
-        let stopping = options.stop.load(Ordering::Relaxed);
-        let wants = cutter.as_ref().map(|c| c.wants_listing() && !stopping);
-        let due = rounds.broadcast(worker, wants);
-        if due {
-            // Every worker counts the same rounds, so all agree on which ones are full.
-            let round = crate::source::ListingRound {
-                number: listings,
-                every: config.source.full_listing_every,
+        // 1. Listing rounds, as worker 0 decides (see `EpochCutter::listing`): at start, one
+        // slice of key space per round until an epoch's worth is queued; tailing, one
+        // round whenever the queue is empty. Stopping: finish what is queued, list nothing
+        // new.
+        loop {
+            let stopping = options.stop.load(Ordering::Relaxed);
+            let plan = cutter
+                .as_ref()
+                .map(|c| c.listing(config.source.epoch_size, stopping));
+            let Some(listing) = rounds.broadcast(worker, plan) else {
+                break;
             };
-            listings += 1;
-            let listing = match source.list_share_changed(index, peers, &mut stamps, round) {
+            let listed = match listing {
+                Listing::Slice(range) => source
+                    .list_share_range(index, peers, range)
+                    .map(|objects| (objects, Vec::new())),
+                Listing::Changed => {
+                    // Every worker counts the same rounds, so all agree on which are full.
+                    let round = crate::source::ListingRound {
+                        number: listings,
+                        every: config.source.full_listing_every,
+                    };
+                    listings += 1;
+                    source.list_share_changed(index, peers, &mut stamps, round)
+                }
+            };
+            let listed = match listed {
                 Ok(objects) => Some(objects),
                 Err(e) => {
                     tracing::error!(stage = "source", error = %format!("{e:#}"), "Listing failed; retrying next round.");
@@ -259,12 +274,19 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
                 }
             };
             // A round with a failed listing is not diffed anywhere: it would delete.
-            if let Some((owned, unchanged)) = rounds.to_owners(worker, listing) {
-                let changes = rounds.ledger.diff_except(&owned, &unchanged);
-                let gathered = rounds.to_worker_zero(worker, changes);
-                if let Some(cutter) = cutter.as_mut() {
-                    cutter.offer(gathered, owned.len());
-                }
+            let Some((owned, unchanged)) = rounds.to_owners(worker, listed) else {
+                break;
+            };
+            let changes = rounds
+                .ledger
+                .diff_except(&owned, &unchanged, listing.range());
+            drop(owned);
+            let gathered = rounds.to_worker_zero(worker, changes);
+            if let Some(cutter) = cutter.as_mut() {
+                cutter.offer(gathered, listing);
+            }
+            if listing == Listing::Changed {
+                break;
             }
         }
         // 2. Worker 0 cuts the next epoch and says when to stop.
@@ -330,11 +352,31 @@ fn committed_frontier(committed: &ProbeHandle<Epoch>) -> Epoch {
     committed.with_frontier(|f| f.iter().min().copied().unwrap_or(Epoch::MAX))
 }
 
+/// What a listing round lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum Listing {
+    /// Every folder, keeping the keys in one slice of key space: the start-up listing,
+    /// slice by slice.
+    Slice(KeyRange),
+    /// Everything, except folders that need no listing this round (tailing).
+    Changed,
+}
+
+impl Listing {
+    /// The slice of key space the round covers.
+    fn range(&self) -> KeyRange {
+        match self {
+            Listing::Slice(range) => *range,
+            Listing::Changed => KeyRange::ALL,
+        }
+    }
+}
+
 /// What crosses workers in a listing round.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum Round {
-    /// Worker 0 to all: whether this round lists.
-    Due(bool),
+    /// Worker 0 to all: what this round lists, if anything.
+    Due(Option<Listing>),
     /// A lister to the key's owner: an object in a folder the lister owns.
     Object(ListedObject),
     /// A lister to all: its listing failed, so nobody diffs this round.
@@ -439,13 +481,18 @@ impl Rounds {
     }
 
     /// Worker 0's decision (`Some` on worker 0 only), seen by every worker.
-    fn broadcast(&mut self, worker: &mut Worker, decision: Option<bool>) -> bool {
+    fn broadcast(
+        &mut self,
+        worker: &mut Worker,
+        decision: Option<Option<Listing>>,
+    ) -> Option<Listing> {
         if let Some(due) = decision {
             self.to_all.send((self.round, Round::Due(due)));
         }
-        self.finish(worker)
-            .iter()
-            .any(|r| matches!(r, Round::Due(true)))
+        self.finish(worker).iter().find_map(|r| match r {
+            Round::Due(listing) => *listing,
+            _ => None,
+        })
     }
 
     /// Sends this worker's listing (None: it failed) to the key owners; returns the
@@ -570,54 +617,124 @@ fn resume(
 }
 
 /// Worker 0's queue of changes: takes each accepted round's changes and hands them out
-/// an epoch at a time. With `--once` it takes one listing; tailing, it asks for a new one
+/// an epoch at a time, and says when to list.
+///
+/// At start it lists the archive one slice of key space per round (a hash range), the
+/// next slice whenever less than an epoch is queued, so a first listing of a large archive
+/// is never held whole (the listing, the diff's changes and this queue each held about
+/// 150 B per object: 100 MB at 250k images). Slices ascend and epochs are cut in hash
+/// order, so the epochs are those of one whole listing. With `--once` that is the only
+/// listing; tailing, it then lists (with the source's skipping of unchanged folders)
 /// whenever its queue is empty.
 struct EpochCutter {
     /// When the listing that produced the queued changes was taken.
     listed_at: Instant,
     queue: VecDeque<Change>,
     once: bool,
-    listed: bool,
+    /// The start-up listing's next slice; None once it has covered key space.
+    catch_up: Option<CatchUp>,
+    /// Changes the start-up listing found so far, and its rounds.
+    found: (usize, usize),
+}
+
+/// Where the start-up listing stands.
+#[derive(Clone, Copy, Debug)]
+struct CatchUp {
+    /// The next slice's first hash.
+    start: u64,
+    /// The next slice's width in hash space (adapted to `target` after each slice).
+    width: u64,
+    /// Objects a slice should hold (`[source] listing_slice`; 0: one slice).
+    target: usize,
+}
+
+impl CatchUp {
+    fn new(target: usize) -> Self {
+        // A sixteenth of key space first; later slices are sized by what it found.
+        let width = if target == 0 { u64::MAX } else { 1 << 60 };
+        CatchUp {
+            start: 0,
+            width,
+            target,
+        }
+    }
+
+    fn range(&self) -> KeyRange {
+        KeyRange {
+            start: self.start,
+            end: self
+                .start
+                .checked_add(self.width)
+                .filter(|_| self.width < u64::MAX),
+        }
+    }
+
+    /// The next slice after `range` held `found` changes; None when it was the last.
+    fn after(self, range: KeyRange, found: usize) -> Option<CatchUp> {
+        let start = range.end?;
+        // Aim the next slice at `target` changes, growing at most 16x a round (a restart
+        // with nothing new finds none, and finishes in two rounds).
+        let width = self.width as u128;
+        let aimed = width * self.target as u128 / found.max(1) as u128;
+        let width = aimed.clamp(1, width * 16).min(u64::MAX as u128) as u64;
+        Some(CatchUp {
+            start,
+            width,
+            ..self
+        })
+    }
 }
 
 impl EpochCutter {
-    fn new(once: bool) -> Self {
+    fn new(once: bool, listing_slice: usize) -> Self {
         EpochCutter {
             listed_at: Instant::now(),
             queue: VecDeque::new(),
             once,
-            listed: false,
+            catch_up: Some(CatchUp::new(listing_slice)),
+            found: (0, 0),
         }
     }
 
-    /// True when the next round should list.
-    fn wants_listing(&self) -> bool {
-        self.queue.is_empty() && !(self.once && self.listed)
+    /// What the next round should list, if anything.
+    fn listing(&self, epoch_size: usize, stopping: bool) -> Option<Listing> {
+        if stopping {
+            return None;
+        }
+        match self.catch_up {
+            Some(c) => (self.queue.len() < epoch_size).then(|| Listing::Slice(c.range())),
+            None => (!self.once && self.queue.is_empty()).then_some(Listing::Changed),
+        }
     }
 
-    /// Takes a complete round's changes (`owned`: the objects worker 0 itself owns, for
-    /// the log line).
-    fn offer(&mut self, mut changes: Vec<Change>, owned: usize) {
+    /// Takes a complete round's changes.
+    fn offer(&mut self, mut changes: Vec<Change>, listing: Listing) {
         self.listed_at = Instant::now();
         // Epochs are cut in hash order, not key order: key order would put whole label
         // folders in one epoch, so the first epochs (where KMeans seeds) would see only
         // the first labels. A stable hash keeps epochs the same for any -w/-n.
-        changes.sort_by_cached_key(|c| {
-            (
-                xxhash_rust::xxh3::xxh3_64(c.key.0.as_bytes()),
-                c.key.clone(),
-            )
-        });
-        if !changes.is_empty() {
-            tracing::info!(
-                stage = "source",
-                changes = changes.len(),
-                objects_at_worker_0 = owned,
-                "Archive listed."
-            );
+        changes.sort_by(|a, b| (a.key.bucket_hash(), &a.key).cmp(&(b.key.bucket_hash(), &b.key)));
+        match (listing, self.catch_up) {
+            (Listing::Slice(range), Some(catch_up)) => {
+                self.found.0 += changes.len();
+                self.found.1 += 1;
+                tracing::debug!(stage = "source", changes = changes.len(), start = range.start, end = ?range.end, "Archive slice listed.");
+                self.catch_up = catch_up.after(range, changes.len());
+                if self.catch_up.is_none() {
+                    tracing::info!(
+                        stage = "source",
+                        changes = self.found.0,
+                        slices = self.found.1,
+                        "Archive listed."
+                    );
+                }
+            }
+            _ if !changes.is_empty() => {
+                tracing::info!(stage = "source", changes = changes.len(), "Archive listed.");
+            }
+            _ => {}
         }
         self.queue.extend(changes);
-        self.listed = true;
     }
 
     fn next_epoch(&mut self, epoch_size: usize) -> Vec<Change> {
@@ -626,6 +743,7 @@ impl EpochCutter {
     }
 
     fn done(&self, options: &RunOptions) -> bool {
-        options.stop.load(Ordering::Relaxed) || (self.once && self.listed && self.queue.is_empty())
+        options.stop.load(Ordering::Relaxed)
+            || (self.once && self.catch_up.is_none() && self.queue.is_empty())
     }
 }

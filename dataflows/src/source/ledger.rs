@@ -14,7 +14,7 @@
 //! the embed stage keeps it ([`crate::embed::operator`]), so retracting a row needs no
 //! embedding in memory.
 
-use super::ListedObject;
+use super::{KeyRange, ListedObject};
 use crate::record::{Change, ChangeKind, ImageKey};
 use differential_dataflow::operators::arrange::{arrangement::arrange_core, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, CursorList};
@@ -96,17 +96,21 @@ impl Ledger {
         cursor_list(batches)
     }
 
-    /// Changes that bring the arranged keys to `listing` (this owner's objects of one
-    /// complete round, sorted by key), in key order, except in the folders in `unchanged`
-    /// (skipped this round: their keys stay as last listed, and the cursor jumps over
-    /// them); records them as this round's updates. The trace must hold every earlier
-    /// round (the caller waits on the probe).
+    /// Changes that bring the arranged keys in `range` to `listing` (this owner's objects
+    /// of that slice of key space in one complete round, sorted by key), in key order,
+    /// except in the folders in `unchanged` (skipped this round: their keys stay as last
+    /// listed, and the cursor jumps over them); records them as this round's updates.
+    /// Keys outside `range` stand as last listed. The trace must hold every earlier round
+    /// (the caller waits on the probe).
     pub fn diff_except(
         &mut self,
         listing: &[ListedObject],
         unchanged: &HashSet<String>,
+        range: KeyRange,
     ) -> Vec<Change> {
         debug_assert!(listing.windows(2).all(|w| w[0].key < w[1].key));
+        debug_assert!(listing.iter().all(|o| range.contains(&o.key)));
+        let everything = range == KeyRange::ALL;
         let round = *self.input.time();
         let (mut cursor, storage) = self.cursor();
         let mut changes = Vec::new();
@@ -128,6 +132,10 @@ impl Ledger {
                     if let Some(folder) = skipped_folder(&key, unchanged) {
                         // Past every key of the folder: '0' is the byte after '/'.
                         cursor.seek_key(&storage, &ImageKey(format!("{folder}0")));
+                        continue;
+                    }
+                    if !everything && !range.contains(&key) {
+                        cursor.step_key(&storage);
                         continue;
                     }
                     if let Some(old) = current(&mut cursor, &storage) {
@@ -260,7 +268,16 @@ pub(crate) mod tests {
             listing: &[ListedObject],
             unchanged: &HashSet<String>,
         ) -> Vec<Change> {
-            let changes = self.ledger.diff_except(listing, unchanged);
+            self.diff_range(listing, unchanged, KeyRange::ALL)
+        }
+
+        pub(crate) fn diff_range(
+            &mut self,
+            listing: &[ListedObject],
+            unchanged: &HashSet<String>,
+            range: KeyRange,
+        ) -> Vec<Change> {
+            let changes = self.ledger.diff_except(listing, unchanged, range);
             self.next_round();
             changes
         }
@@ -347,6 +364,66 @@ pub(crate) mod tests {
             }
             assert_eq!(ledger.len(), 4);
             assert_eq!(ledger.diff(&[]).len(), 4, "a full round deletes them");
+        });
+    }
+
+    /// Diffing an archive one slice of key space at a time gives the changes of one
+    /// whole diff, and keys outside a slice stand (also where the slice is empty).
+    #[test]
+    fn slices_of_key_space_diff_like_one_whole_round() {
+        timely::execute_directly(|worker| {
+            let before: Vec<_> = (0..200)
+                .map(|i| obj(&format!("L{}/{i}", i % 7), "v1"))
+                .collect();
+            // After: every third rewritten, every fifth deleted, 50 new.
+            let after: Vec<_> = (0..250)
+                .filter(|i| i % 5 != 0 || *i >= 200)
+                .map(|i| {
+                    obj(
+                        &format!("L{}/{i}", i % 7),
+                        if i % 3 == 0 { "v2" } else { "v1" },
+                    )
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let sorted = |v: &[ListedObject]| -> Vec<ListedObject> {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            let (before, after) = (sorted(&before), sorted(&after));
+            let mut whole = Harness::new(worker);
+            whole.diff(&before);
+            let expected = whole.diff(&after);
+            let mut sliced = Harness::new(worker);
+            sliced.diff(&before);
+            let cuts = [0u64, 1 << 60, 1 << 62, 1 << 62, u64::MAX / 3 * 2];
+            let mut got = Vec::new();
+            for (i, &start) in cuts.iter().enumerate() {
+                let range = KeyRange {
+                    start,
+                    end: cuts.get(i + 1).copied(),
+                };
+                let part: Vec<_> = after
+                    .iter()
+                    .filter(|o| range.contains(&o.key))
+                    .cloned()
+                    .collect();
+                got.extend(sliced.diff_range(&part, &HashSet::new(), range));
+                assert_eq!(sliced.len(), {
+                    // Keys below the slice's end are as after, the rest as before.
+                    let pending =
+                        |o: &&ListedObject| range.end.is_some_and(|e| o.key.bucket_hash() >= e);
+                    after.iter().filter(|o| !pending(o)).count()
+                        + before.iter().filter(pending).count()
+                });
+            }
+            got.sort();
+            let mut expected = expected;
+            expected.sort();
+            assert_eq!(got, expected);
+            assert!(sliced.diff(&after).is_empty());
         });
     }
 }

@@ -39,6 +39,34 @@ impl ListingRound {
     }
 }
 
+/// A slice of key space: the keys whose [`ImageKey::bucket_hash`] lies in
+/// `start..end` (`end` None: through `u64::MAX`). A start-up listing goes through the
+/// archive one such slice at a time (see [`crate::ingest`]), so a first listing of
+/// millions of objects never sits in memory whole; slices are hash ranges, not folders,
+/// so each holds every label, and since epochs are cut in hash order, ascending slices
+/// give the same epochs as one whole listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRange {
+    /// First hash in the slice.
+    pub start: u64,
+    /// First hash past it; None: the slice runs to the end of key space.
+    pub end: Option<u64>,
+}
+
+impl KeyRange {
+    /// All of key space.
+    pub const ALL: KeyRange = KeyRange {
+        start: 0,
+        end: None,
+    };
+
+    /// True when `key` lies in this slice.
+    pub fn contains(&self, key: &ImageKey) -> bool {
+        let hash = key.bucket_hash();
+        hash >= self.start && self.end.is_none_or(|end| hash < end)
+    }
+}
+
 /// One object seen by a listing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ListedObject {
@@ -67,10 +95,25 @@ pub trait Source: Send + Sync {
     /// This worker's share of a listing: the folders it owns (by stable hash of the folder
     /// name), plus the root's loose files on worker 0. Sorted by key.
     fn list_share(&self, index: usize, peers: usize) -> Result<Vec<ListedObject>> {
-        let (folders, files) = self.list_top()?;
-        let mut out = if index == 0 { files } else { Vec::new() };
+        self.list_share_range(index, peers, KeyRange::ALL)
+    }
+    /// [`Self::list_share`], keeping only the keys in `range` (each folder's listing is
+    /// filtered as it comes, so at most one folder's objects outside it are held).
+    fn list_share_range(
+        &self,
+        index: usize,
+        peers: usize,
+        range: KeyRange,
+    ) -> Result<Vec<ListedObject>> {
+        let (folders, mut out) = self.list_top()?;
+        if index != 0 {
+            out.clear();
+        }
+        out.retain(|o| range.contains(&o.key));
         for folder in folders.iter().filter(|f| folder_owner(f, peers) == index) {
-            out.extend(self.list_folder(folder)?);
+            let mut listed = self.list_folder(folder)?;
+            listed.retain(|o| range.contains(&o.key));
+            out.extend(listed);
         }
         out.sort();
         Ok(out)
