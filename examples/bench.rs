@@ -137,7 +137,11 @@ fn main() -> Result<()> {
         };
         let mut cells = Vec::new();
         for &batch in batches {
-            let inference = InferenceConfig { batch, threads: 1 };
+            let inference = InferenceConfig {
+                batch,
+                threads: 1,
+                ..InferenceConfig::default()
+            };
             let mut embedder =
                 Embedder::load_for_stage(&config(engine), &DecodeConfig::default(), &inference, 1)?;
             let refs: Vec<&[u8]> = pixels[..n].iter().map(|p| p.as_slice()).collect();

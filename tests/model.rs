@@ -197,7 +197,7 @@ fn onnxruntime_library() -> std::path::PathBuf {
 /// Batching is speed only: onnxruntime's embeddings of images run 8 (and a ragged 3) at
 /// a time, on 2 threads, are bit-identical to one-image runs on 1 thread, so the
 /// statistics cannot depend on how the embed stage groups images or sizes its threads
-/// (which both follow the worker count).
+/// (which both follow the worker count), nor on whether the workers share one session.
 #[cfg(feature = "onnxruntime")]
 #[test]
 fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
@@ -213,9 +213,17 @@ fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
     let batched = InferenceConfig {
         batch: 8,
         threads: 2,
+        shared_session: false,
     };
     let mut many = Embedder::load_for_stage(&config, &decode, &batched, 1).unwrap();
     assert_eq!(many.batch(), 8);
+    // Two workers' embedders on one shared session, as `shared_session = true` makes them.
+    let shared = InferenceConfig {
+        shared_session: true,
+        ..batched.clone()
+    };
+    let mut first = Embedder::load_for_stage(&config, &decode, &shared, 2).unwrap();
+    let mut second = Embedder::load_for_stage(&config, &decode, &shared, 2).unwrap();
     let preparer = one.preparer();
     let mut pixels = Vec::new();
     for label in std::fs::read_dir(fixtures()).unwrap() {
@@ -229,7 +237,17 @@ fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
     let refs: Vec<&[u8]> = pixels.iter().map(|p| p.as_slice()).collect();
     let together = many.embed_batch(&refs);
     assert_eq!(together.len(), refs.len());
-    for (p, e) in refs.iter().zip(together) {
-        assert_eq!(e.unwrap(), one.embed_pixels(p).unwrap());
+    let halves = refs.split_at(refs.len() / 2);
+    let shared_runs: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| first.embed_batch(halves.0));
+        let b = s.spawn(|| second.embed_batch(halves.1));
+        let mut all = a.join().unwrap();
+        all.extend(b.join().unwrap());
+        all
+    });
+    for ((p, e), s) in refs.iter().zip(together).zip(shared_runs) {
+        let alone = one.embed_pixels(p).unwrap();
+        assert_eq!(e.unwrap(), alone);
+        assert_eq!(s.unwrap(), alone, "a shared session's embedding differs");
     }
 }

@@ -103,6 +103,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             input_size = embedder.preprocess().size,
             batch = embedder.batch(),
             threads = config.inference.threads_per_worker(options.workers),
+            shared_session = config.inference.shared_session,
             "Model loaded."
         );
     }
@@ -121,7 +122,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         .ledger
         .iter()
         .filter(|(_, e)| e.embedded)
-        .map(|(k, e)| (k.clone(), e.location))
+        .map(|(k, e)| (k.digest(), e.location))
         .collect();
     // Only worker 0's commit folds error records in.
     let errors = if index == 0 {

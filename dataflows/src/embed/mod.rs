@@ -126,8 +126,14 @@ pub struct InferenceConfig {
     /// Images per model run (onnxruntime; tract runs one at a time, its fastest).
     pub batch: usize,
     /// Intra-op threads per worker (onnxruntime); 0: the process's cores divided among
-    /// its workers, at least 1, so the workers do not oversubscribe the cores.
+    /// its workers, at least 1, so the workers do not oversubscribe the cores. With
+    /// `shared_session`, the threads of the one session (0: all the process's cores).
     pub threads: usize,
+    /// One onnxruntime session per process, its runs taking turns among the workers,
+    /// instead of one per worker: each session holds the model's weights and its own
+    /// working memory, so at `-w 2` this is ~50 MB less peak RSS per process, for ~20 %
+    /// less throughput on 2 cores (docs/benchmarks.md, "Scale"). Off by default.
+    pub shared_session: bool,
 }
 
 impl Default for InferenceConfig {
@@ -135,8 +141,18 @@ impl Default for InferenceConfig {
         InferenceConfig {
             batch: DEFAULT_BATCH,
             threads: 0,
+            shared_session: false,
         }
     }
+}
+
+/// How an embed stage's onnxruntime session is made: its intra-op threads, and whether
+/// the process's workers share one.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
+struct Session {
+    threads: usize,
+    shared: bool,
 }
 
 /// Images per onnxruntime run by default: the best of 1/4/8/16 in the bench's batch
@@ -144,13 +160,15 @@ impl Default for InferenceConfig {
 pub const DEFAULT_BATCH: usize = 8;
 
 impl InferenceConfig {
-    /// The intra-op threads each of `workers` workers of this process gets.
+    /// The intra-op threads of each session among `workers` workers of this process
+    /// (one session per worker, or one for them all with `shared_session`).
     pub fn threads_per_worker(&self, workers: usize) -> usize {
         if self.threads > 0 {
             return self.threads;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / workers.max(1)).max(1)
+        let sessions = if self.shared_session { 1 } else { workers };
+        (cores / sessions.max(1)).max(1)
     }
 }
 
@@ -301,7 +319,16 @@ impl Embedder {
         decode: &DecodeConfig,
         outputs: &[&str],
     ) -> Result<Self> {
-        Self::load_engine(config, decode, outputs, 1, 1)
+        Self::load_engine(
+            config,
+            decode,
+            outputs,
+            Session {
+                threads: 1,
+                shared: false,
+            },
+            1,
+        )
     }
 
     /// Loads the model for one of `workers` embed-stage workers of this process, run as
@@ -316,7 +343,10 @@ impl Embedder {
             config,
             decode,
             &[config.output.as_str()],
-            inference.threads_per_worker(workers),
+            Session {
+                threads: inference.threads_per_worker(workers),
+                shared: inference.shared_session,
+            },
             inference.batch.max(1),
         )
     }
@@ -325,7 +355,7 @@ impl Embedder {
         config: &EmbedConfig,
         decode: &DecodeConfig,
         outputs: &[&str],
-        threads: usize,
+        session: Session,
         batch: usize,
     ) -> Result<Self> {
         if !config.model.exists() {
@@ -342,7 +372,7 @@ impl Embedder {
         let engine = match config.backend {
             Backend::Tract | Backend::Auto => tract_engine(&mut config, outputs)?,
             Backend::Onnxruntime => {
-                match Self::onnxruntime_engine(&mut config, outputs, threads) {
+                match Self::onnxruntime_engine(&mut config, outputs, session) {
                     Ok(engine) => engine,
                     // `auto` found a library that does not load: tract, said once.
                     Err(e) if auto => {
@@ -379,26 +409,51 @@ impl Embedder {
     fn onnxruntime_engine(
         config: &mut EmbedConfig,
         outputs: &[&str],
-        threads: usize,
+        session: Session,
     ) -> Result<Engine> {
         let library = config
             .onnxruntime_library
             .clone()
             .or_else(find_onnxruntime)
             .context("[embed] backend = \"onnxruntime\" needs [embed] onnxruntime_library or ORT_DYLIB_PATH (e.g. the libonnxruntime.so.* in the PyPI wheel's onnxruntime/capi/)")?;
-        let engine = onnxruntime::OrtEngine::load(
-            &config.model,
-            &library,
-            config.input_size as usize,
-            outputs,
-            threads,
-        )?;
+        let load = || {
+            onnxruntime::OrtEngine::load(
+                &config.model,
+                &library,
+                config.input_size as usize,
+                outputs,
+                session.threads,
+            )
+        };
+        let engine = if session.shared {
+            // The first worker loads it; the others get clones (one session).
+            type Key = (PathBuf, PathBuf, u32, Vec<String>, usize);
+            static SHARED: Mutex<Vec<(Key, onnxruntime::OrtEngine)>> = Mutex::new(Vec::new());
+            let key: Key = (
+                config.model.clone(),
+                library.clone(),
+                config.input_size,
+                outputs.iter().map(|o| o.to_string()).collect(),
+                session.threads,
+            );
+            let mut shared = SHARED.lock().expect("shared sessions lock");
+            match shared.iter().find(|(k, _)| *k == key) {
+                Some((_, engine)) => engine.clone(),
+                None => {
+                    let engine = load()?;
+                    shared.push((key, engine.clone()));
+                    engine
+                }
+            }
+        } else {
+            load()?
+        };
         config.input_size = engine.size() as u32;
         Ok(Engine::Onnxruntime(engine))
     }
 
     #[cfg(not(feature = "onnxruntime"))]
-    fn onnxruntime_engine(_: &mut EmbedConfig, _: &[&str], _: usize) -> Result<Engine> {
+    fn onnxruntime_engine(_: &mut EmbedConfig, _: &[&str], _: Session) -> Result<Engine> {
         anyhow::bail!(
             "[embed] backend = \"onnxruntime\" needs a build with the onnxruntime feature: \
              cargo build --release --features onnxruntime"

@@ -7,7 +7,9 @@
 use super::Embedder;
 use crate::background::Background;
 use crate::metrics::{metrics, timed};
-use crate::record::{Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, Label};
+use crate::record::{
+    Change, ChangeKind, Epoch, ErrorKind, ErrorRecord, ImageKey, ImageRow, KeyDigest, Label,
+};
 use crate::sink::OutputStore;
 use crate::source::Source;
 use crate::state::Location;
@@ -165,7 +167,11 @@ fn prepare(changes: Vec<Change>, source: &dyn Source, preparer: &super::Preparer
 /// arrangement: it is read and written by this operator alone, in epoch order, while it
 /// embeds, and an arrangement would show an epoch's locations only once the epoch is
 /// complete, too late for a key rewritten in the next epoch.
-pub type Stored = HashMap<ImageKey, Location>;
+///
+/// Keyed by the key's 128-bit digest, not its string: 32 bytes per entry instead of
+/// ~90 (the string, its heap copy and the location), about 15 MB less per 250k keys.
+/// The row read back is still matched by its full path ([`Rows::read_back`]).
+pub type Stored = HashMap<KeyDigest, Location>;
 
 /// Where this worker's rows are: [`Stored`] for committed epochs, plus the rows of the
 /// two epochs that may not be written yet (the driver keeps at most two in flight), so a
@@ -187,7 +193,7 @@ impl Rows {
         let mut out = Vec::new();
         let mut by_file: BTreeMap<Location, Vec<ImageKey>> = BTreeMap::new();
         for change in changes {
-            let stored = self.stored.remove(&change.key);
+            let stored = self.stored.remove(&change.key.digest());
             if let Some((_, row)) = self.recent.remove(&change.key) {
                 out.push(row);
             } else if let Some(location) = stored {
@@ -242,7 +248,7 @@ impl Rows {
             epoch,
             part: self.part,
         };
-        self.stored.insert(row.key.clone(), location);
+        self.stored.insert(row.key.digest(), location);
         self.recent.insert(row.key.clone(), (epoch, row.clone()));
     }
 }
