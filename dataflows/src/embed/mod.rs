@@ -131,8 +131,8 @@ pub struct InferenceConfig {
     pub threads: usize,
     /// One onnxruntime session per process, its runs taking turns among the workers,
     /// instead of one per worker: each session holds the model's weights and its own
-    /// working memory, so at `-w 2` this is ~50 MB less peak RSS per process, for ~20 %
-    /// less throughput on 2 cores (docs/benchmarks.md, "Scale"). Off by default.
+    /// working memory, so at `-w 2` this is 35-50 MB less peak RSS per process, for
+    /// 20-30 % less throughput on 2 cores (docs/benchmarks.md, "Scale"). Off by default.
     pub shared_session: bool,
 }
 
