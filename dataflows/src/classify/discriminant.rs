@@ -103,7 +103,7 @@ impl Discriminant {
         // S_w = D⁻¹ (Σxxᵀ − Σ_c s_c s_cᵀ / n_c) D⁻¹ (the global centre cancels).
         let mut scatter = Mat::<f64>::from_fn(d, d, |i, j| {
             let (a, b) = (i.min(j), i.max(j));
-            moments.ss[moments.packed(a, b)] as f64 / (scale * scale)
+            moments.second(a, b) as f64 / (scale * scale)
         });
         let sums = Mat::<f64>::from_fn(classes, d, |c, j| {
             labels[c].sum[j] as f64 / scale / (labels[c].n as f64).sqrt()

@@ -361,7 +361,7 @@ pub fn within_label_spread(
     });
     let ss = Mat::<f64>::from_fn(d, d, |i, j| {
         let (i, j) = (i.min(j), i.max(j));
-        moments.ss[moments.packed(i, j)] as f64 / (scale * scale)
+        moments.second(i, j) as f64 / (scale * scale)
     });
     let mut ssb = Mat::<f64>::zeros(d, k);
     faer::linalg::matmul::matmul(

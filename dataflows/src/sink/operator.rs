@@ -2,11 +2,11 @@
 //! epoch as one file, `embeddings/epoch-<t>-worker-<w>.parquet`, once the epoch is
 //! complete. Its output (one count per file) lets the commit wait for the write.
 
-use super::parquet::{encode_rows, StoredRow};
+use super::parquet::encode_image_rows;
 use super::OutputStore;
 use crate::embed::operator::RowUpdate;
 use crate::metrics::timed;
-use crate::record::Epoch;
+use crate::record::{Epoch, ImageRow};
 use crate::source::Source;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,18 +36,17 @@ pub fn parquet<'s>(
 ) -> StreamVec<'s, Epoch, usize> {
     let worker = rows.scope().index();
     rows.unary_frontier(Pipeline, "parquet", move |_, _| {
-        let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<StoredRow>)> = BTreeMap::new();
+        // The rows themselves (their embeddings shared with the other stages), each
+        // with its path: converted to the file's f32 only as it is written.
+        let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<(String, ImageRow)>)> =
+            BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = open.entry(t).or_insert_with(|| (cap.retain_least(0).expect("stamped"), Vec::new()));
-                for (row, _, diff) in data.iter().filter(|(_, _, d)| *d > 0) {
-                    for _ in 0..*diff {
-                        entry.1.push(StoredRow {
-                            path: source.path_of(&row.key),
-                            label: row.label.0.clone(),
-                            features: row.embedding.to_f32(),
-                        });
+                for (row, _, diff) in data.drain(..).filter(|(_, _, d)| *d > 0) {
+                    for _ in 0..diff {
+                        entry.1.push((source.path_of(&row.key), row.clone()));
                     }
                 }
             });
@@ -60,11 +59,11 @@ pub fn parquet<'s>(
                 if rows.is_empty() {
                     continue;
                 }
-                rows.sort_by(|a, b| a.path.cmp(&b.path));
+                rows.sort_by(|a, b| a.0.cmp(&b.0));
                 let name = embeddings_file(t, worker);
                 // An output we cannot write is fatal: the epoch must not commit without it.
                 timed("parquet", || {
-                    let bytes = encode_rows(&rows).unwrap_or_else(|e| panic!("encoding {name}: {e:#}"));
+                    let bytes = encode_image_rows(&rows).unwrap_or_else(|e| panic!("encoding {name}: {e:#}"));
                     store.put(&name, &bytes).unwrap_or_else(|e| panic!("writing {name}: {e:#}"));
                 });
                 tracing::debug!(stage = "parquet", file = %name, rows = rows.len(), "Embeddings written.");

@@ -68,12 +68,21 @@ fn writer_properties() -> WriterProperties {
 /// (two i16 per float) are built per call, so whole-epoch calls held ~10 MB of them.
 const WRITE_SLICE: usize = 256;
 
-fn to_bytes(batch: RecordBatch) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(writer_properties()))?;
-    write_sliced(&mut writer, &batch)?;
-    writer.close()?;
-    Ok(out)
+/// Encodes `rows` rows as one Parquet file, building and writing the record batch of
+/// [`WRITE_SLICE`] rows at a time (`batch(range)`): an epoch's file never exists as one
+/// Arrow copy of its rows beside the rows themselves.
+fn encode_in_slices(
+    rows: usize,
+    mut batch: impl FnMut(std::ops::Range<usize>) -> Result<RecordBatch>,
+) -> Result<Vec<u8>> {
+    let first = batch(0..rows.min(WRITE_SLICE))?;
+    let mut writer = ArrowWriter::try_new(Vec::new(), first.schema(), Some(writer_properties()))?;
+    writer.write(&first)?;
+    drop(first);
+    for start in (WRITE_SLICE..rows).step_by(WRITE_SLICE) {
+        writer.write(&batch(start..(start + WRITE_SLICE).min(rows))?)?;
+    }
+    Ok(writer.into_inner()?)
 }
 
 fn write_sliced<W: std::io::Write + Send>(
@@ -91,41 +100,64 @@ fn strings<'a>(values: impl Iterator<Item = &'a str>) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(values))
 }
 
-fn f32_lists<'a>(rows: impl Iterator<Item = &'a [f32]>) -> ArrayRef {
+fn f32_lists<I: IntoIterator<Item = f32>>(rows: impl Iterator<Item = I>) -> ArrayRef {
     let mut b = ListBuilder::new(Float32Builder::new()).with_field(Field::new(
         "element",
         DataType::Float32,
         false,
     ));
+    let mut values = Vec::new();
     for r in rows {
-        b.values().append_slice(r);
+        values.clear();
+        values.extend(r);
+        b.values().append_slice(&values);
         b.append(true);
     }
     Arc::new(b.finish())
 }
 
-/// Encodes stored rows as a Parquet file.
-pub fn encode_rows(rows: &[StoredRow]) -> Result<Vec<u8>> {
-    let features = f32_lists(rows.iter().map(|r| r.features.as_slice()));
+/// One record batch of stored rows (path, label, features).
+fn stored_batch(paths: ArrayRef, labels: ArrayRef, features: ArrayRef) -> Result<RecordBatch> {
     let schema = Schema::new(vec![
         Field::new("path", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, false),
         Field::new("features", features.data_type().clone(), false),
     ]);
-    let batch = RecordBatch::try_new(
+    Ok(RecordBatch::try_new(
         Arc::new(schema),
-        vec![
+        vec![paths, labels, features],
+    )?)
+}
+
+/// Encodes stored rows as a Parquet file.
+pub fn encode_rows(rows: &[StoredRow]) -> Result<Vec<u8>> {
+    encode_in_slices(rows.len(), |range| {
+        let rows = &rows[range];
+        stored_batch(
             strings(rows.iter().map(|r| r.path.as_str())),
             strings(rows.iter().map(|r| r.label.as_str())),
-            features,
-        ],
-    )?;
-    to_bytes(batch)
+            f32_lists(rows.iter().map(|r| r.features.iter().copied())),
+        )
+    })
+}
+
+/// Encodes image rows, each with its path, as a Parquet file of stored rows (the same
+/// file [`encode_rows`] writes): the embed stage's rows go in as they are, the features
+/// converted to f32 one write slice at a time.
+pub fn encode_image_rows(rows: &[(String, crate::record::ImageRow)]) -> Result<Vec<u8>> {
+    encode_in_slices(rows.len(), |range| {
+        let rows = &rows[range];
+        stored_batch(
+            strings(rows.iter().map(|(path, _)| path.as_str())),
+            strings(rows.iter().map(|(_, r)| r.label.0.as_str())),
+            f32_lists(rows.iter().map(|(_, r)| r.embedding.f32_values())),
+        )
+    })
 }
 
 /// One record batch of exported rows (path, label, features, pca_features, cluster).
 fn export_batch(rows: &[ExportRow<'_>]) -> Result<RecordBatch> {
-    let features = f32_lists(rows.iter().map(|r| r.row.features.as_slice()));
+    let features = f32_lists(rows.iter().map(|r| r.row.features.iter().copied()));
     let mut pca = ListBuilder::new(Float64Builder::new()).with_field(Field::new(
         "element",
         DataType::Float64,

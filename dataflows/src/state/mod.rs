@@ -22,6 +22,7 @@
 use crate::embed::EmbedConfig;
 use crate::record::{Embedding, Epoch, ErrorRecord, ImageKey};
 use crate::sink::OutputStore;
+use crate::stats::moments::SecondMoments;
 use crate::stats::{KMeans, LabelStats, Models, Moments, MomentsAccumulator, PcaModel};
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -357,7 +358,7 @@ impl Checkpoint {
     /// (every worker but 0). The image count and the log stay.
     pub fn without_statistics(mut self) -> Self {
         self.models.moments.sum = Vec::new();
-        self.models.moments.ss = Vec::new();
+        self.models.moments.ss = SecondMoments::Narrow(Vec::new());
         self.models.pca = None;
         self.models.kmeans = KMeans::default();
         self.labels.clear();
@@ -484,7 +485,7 @@ impl Checkpoint {
             dim: head.dim,
             n,
             sum: Vec::new(),
-            ss: Vec::new(),
+            ss: SecondMoments::Narrow(Vec::new()),
         };
         Ok(Checkpoint {
             format: FORMAT,
@@ -1184,7 +1185,7 @@ mod tests {
         let store = crate::sink::LocalStore::open(dir.path().to_str().unwrap()).unwrap();
         let mut now = super::Checkpoint::empty("src".into(), 2, Default::default());
         now.epoch = 3;
-        now.models.moments.add_row(&Embedding(vec![5, 6]), 1);
+        now.models.moments.add_row(&Embedding::from(vec![5, 6]), 1);
         now.labels.insert(
             "L".into(),
             LabelStats {
@@ -1226,18 +1227,21 @@ mod tests {
         // One more epoch, committed in format 5.
         let previous = loaded.files();
         loaded.epoch = 4;
-        loaded.models.moments.add_row(&Embedding(vec![1, 2]), 1);
+        loaded
+            .models
+            .moments
+            .add_row(&Embedding::from(vec![1, 2]), 1);
         loaded
             .labels
             .get_mut("L")
             .unwrap()
-            .add(&Embedding(vec![1, 2]), 1);
+            .add(&Embedding::from(vec![1, 2]), 1);
         let mut delta = Delta::default();
         loaded
             .write_delta(
                 &store,
                 &mut delta,
-                Some(vec![("L".into(), Embedding(vec![1, 2]), 1)]),
+                Some(vec![("L".into(), Embedding::from(vec![1, 2]), 1)]),
             )
             .unwrap();
         loaded.commit(&store, &previous).unwrap();
@@ -1335,19 +1339,19 @@ mod tests {
             // then a refitted PCA; every 37th epoch has too many rows for its delta.
             let mut rows: Vec<StatRow> = (0..3)
                 .map(|i| {
-                    let e = Embedding(vec![epoch as i32 * 1000 + i, 7 - i]);
+                    let e = Embedding::from(vec![epoch as i32 * 1000 + i, 7 - i]);
                     (format!("L{i}"), e, 1)
                 })
                 .chain((epoch > 1).then(|| {
-                    let e = Embedding(vec![(epoch as i32 - 1) * 1000, 7]);
+                    let e = Embedding::from(vec![(epoch as i32 - 1) * 1000, 7]);
                     ("L0".to_string(), e, -1)
                 }))
                 .collect();
             if epoch % 29 == 0 {
-                rows.push(("Gone".into(), Embedding(vec![1, 1]), 1));
+                rows.push(("Gone".into(), Embedding::from(vec![1, 1]), 1));
             }
             if epoch % 29 == 1 && epoch > 1 {
-                rows.push(("Gone".into(), Embedding(vec![1, 1]), -1));
+                rows.push(("Gone".into(), Embedding::from(vec![1, 1]), -1));
             }
             for (label, e, diff) in &rows {
                 checkpoint.models.moments.add_row(e, *diff);

@@ -36,7 +36,7 @@ impl LabelStats {
         if self.sum.len() < embedding.0.len() {
             self.sum.resize(embedding.0.len(), 0);
         }
-        for (s, &v) in self.sum.iter_mut().zip(&embedding.0) {
+        for (s, &v) in self.sum.iter_mut().zip(embedding.0.iter()) {
             *s += v as i64 * diff;
         }
     }

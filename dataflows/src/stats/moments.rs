@@ -16,34 +16,172 @@ pub struct Moments {
     /// Per-dimension sums.
     pub sum: Vec<i64>,
     /// Packed upper triangle (row-major, i <= j) of sum of x xᵀ.
-    #[serde(with = "narrow")]
-    pub ss: Vec<i128>,
+    pub ss: SecondMoments,
 }
 
-/// The moment matrix is stored as i64 while every entry fits (below ~200k Lite0
-/// images), i128 after: the checkpoint rewrites it every epoch, and half the bytes is
-/// 6.5 MB less per epoch at d = 1280.
-mod narrow {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// The packed sum of outer products, in i64 while every entry fits and in i128 from the
+/// first sum that would not (exact either way: every addition is checked). Lite0
+/// embeddings sum to ~2^40 per image on the diagonal, so an archive stays narrow up to
+/// millions of images: half the memory of i128 (6.5 MB instead of 13 at d = 1280) in
+/// each copy the pipeline holds (the fitter's, the commit's) and in the checkpoint.
+#[derive(Clone, Debug)]
+pub enum SecondMoments {
+    /// Every entry fits in i64.
+    Narrow(Vec<i64>),
+    /// Some sum did not.
+    Wide(Vec<i128>),
+}
 
-    #[derive(Serialize, Deserialize)]
-    enum Packed {
-        Narrow(Vec<i64>),
-        Wide(Vec<i128>),
+impl SecondMoments {
+    /// `len` zeros.
+    pub fn zeros(len: usize) -> Self {
+        SecondMoments::Narrow(vec![0; len])
     }
 
-    pub fn serialize<S: Serializer>(ss: &[i128], s: S) -> Result<S::Ok, S::Error> {
-        let narrow: Option<Vec<i64>> = ss.iter().map(|&v| i64::try_from(v).ok()).collect();
-        match narrow {
-            Some(v) => Packed::Narrow(v).serialize(s),
-            None => Packed::Wide(ss.to_vec()).serialize(s),
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            SecondMoments::Narrow(v) => v.len(),
+            SecondMoments::Wide(v) => v.len(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i128>, D::Error> {
+    /// True without entries (statistics dropped, see `Checkpoint::without_statistics`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `at` of the packed triangle.
+    pub fn get(&self, at: usize) -> i128 {
+        match self {
+            SecondMoments::Narrow(v) => v[at] as i128,
+            SecondMoments::Wide(v) => v[at],
+        }
+    }
+
+    /// The entries as i128, switching to that representation.
+    fn widen(&mut self) -> &mut Vec<i128> {
+        if let SecondMoments::Narrow(v) = self {
+            *self = SecondMoments::Wide(v.iter().map(|&x| i128::from(x)).collect());
+        }
+        match self {
+            SecondMoments::Wide(v) => v,
+            SecondMoments::Narrow(_) => unreachable!("widened"),
+        }
+    }
+
+    /// Adds `values` entry by entry, widening at the first sum that leaves i64.
+    pub fn add_narrow(&mut self, values: &[i64]) {
+        assert_eq!(self.len(), values.len(), "adding moments of another size");
+        let mut from = 0;
+        if let SecondMoments::Narrow(v) = self {
+            while from < v.len() {
+                match v[from].checked_add(values[from]) {
+                    Some(sum) => v[from] = sum,
+                    None => break,
+                }
+                from += 1;
+            }
+            if from == v.len() {
+                return;
+            }
+        }
+        let wide = self.widen();
+        for (a, &b) in wide[from..].iter_mut().zip(&values[from..]) {
+            *a += i128::from(b);
+        }
+    }
+
+    /// Adds another matrix entry by entry.
+    pub fn add(&mut self, other: &SecondMoments) {
+        match other {
+            SecondMoments::Narrow(values) => self.add_narrow(values),
+            SecondMoments::Wide(values) => {
+                assert_eq!(self.len(), values.len(), "adding moments of another size");
+                let wide = self.widen();
+                wide.iter_mut().zip(values).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+
+    /// Adds `diff` times the packed outer product of `x` (O(d²/2), for a few rows).
+    fn add_outer(&mut self, x: &[i32], diff: i64) {
+        let d = x.len();
+        let mut at = 0;
+        for i in 0..d {
+            let xi = x[i] as i128 * diff as i128;
+            for &xj in &x[i..] {
+                let v = xi * xj as i128;
+                let narrow = match self {
+                    SecondMoments::Narrow(s) => i64::try_from(v)
+                        .ok()
+                        .and_then(|v| s[at].checked_add(v))
+                        .map(|sum| s[at] = sum)
+                        .is_some(),
+                    SecondMoments::Wide(s) => {
+                        s[at] += v;
+                        true
+                    }
+                };
+                if !narrow {
+                    self.widen()[at] += v;
+                }
+                at += 1;
+            }
+        }
+    }
+
+    /// The narrow entries, if every entry fits in i64 (whichever representation).
+    fn narrowed(&self) -> Option<std::borrow::Cow<'_, [i64]>> {
+        match self {
+            SecondMoments::Narrow(v) => Some(std::borrow::Cow::Borrowed(v)),
+            SecondMoments::Wide(v) => v
+                .iter()
+                .map(|&x| i64::try_from(x).ok())
+                .collect::<Option<Vec<i64>>>()
+                .map(std::borrow::Cow::Owned),
+        }
+    }
+}
+
+/// Equal values are equal moments, whichever representation holds them (retractions
+/// can bring a widened matrix back into i64's range).
+impl PartialEq for SecondMoments {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SecondMoments::Narrow(a), SecondMoments::Narrow(b)) => a == b,
+            _ => self.len() == other.len() && (0..self.len()).all(|i| self.get(i) == other.get(i)),
+        }
+    }
+}
+
+impl Eq for SecondMoments {}
+
+/// Stored as i64 whenever every entry fits, whatever the representation in memory: the
+/// same moments give the same bytes.
+#[derive(Serialize, Deserialize)]
+enum Packed<'a> {
+    Narrow(std::borrow::Cow<'a, [i64]>),
+    Wide(std::borrow::Cow<'a, [i128]>),
+}
+
+impl Serialize for SecondMoments {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match (self.narrowed(), self) {
+            (Some(v), _) => Packed::Narrow(v).serialize(s),
+            (None, SecondMoments::Wide(v)) => {
+                Packed::Wide(std::borrow::Cow::Borrowed(v)).serialize(s)
+            }
+            (None, SecondMoments::Narrow(_)) => unreachable!("narrow entries fit"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecondMoments {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(match Packed::deserialize(d)? {
-            Packed::Narrow(v) => v.into_iter().map(i128::from).collect(),
-            Packed::Wide(v) => v,
+            Packed::Narrow(v) => SecondMoments::Narrow(v.into_owned()),
+            Packed::Wide(v) => SecondMoments::Wide(v.into_owned()),
         })
     }
 }
@@ -55,8 +193,13 @@ impl Moments {
             dim,
             n: 0,
             sum: vec![0; dim],
-            ss: vec![0; dim * (dim + 1) / 2],
+            ss: SecondMoments::zeros(dim * (dim + 1) / 2),
         }
+    }
+
+    /// Entry (i, j), i <= j, of the sum of outer products.
+    pub fn second(&self, i: usize, j: usize) -> i128 {
+        self.ss.get(self.packed(i, j))
     }
 
     /// Adds another partial (exact).
@@ -70,27 +213,19 @@ impl Moments {
             .iter_mut()
             .zip(&other.sum)
             .for_each(|(a, b)| *a += b);
-        self.ss.iter_mut().zip(&other.ss).for_each(|(a, b)| *a += b);
+        self.ss.add(&other.ss);
     }
 
-    /// Adds `diff` copies of one embedding, straight into the i128 totals: O(d²/2) per
-    /// row, so for a few rows cheaper than an accumulator's O(d²) setup and hand-off.
+    /// Adds `diff` copies of one embedding, straight into the totals: O(d²/2) per row,
+    /// so for a few rows cheaper than an accumulator's O(d²) setup and hand-off.
     pub fn add_row(&mut self, e: &Embedding, diff: i64) {
-        let x = &e.0;
+        let x: &[i32] = &e.0;
         assert_eq!(x.len(), self.dim, "row of another dimension");
         self.n += diff;
         for (s, &v) in self.sum.iter_mut().zip(x) {
             *s += v as i64 * diff;
         }
-        let mut at = 0;
-        for (i, &xi) in x.iter().enumerate() {
-            let xi = xi as i128 * diff as i128;
-            let row = &mut self.ss[at..at + (self.dim - i)];
-            for (acc, &xj) in row.iter_mut().zip(&x[i..]) {
-                *acc += xi * xj as i128;
-            }
-            at += self.dim - i;
-        }
+        self.ss.add_outer(x, diff);
     }
 
     /// Adds a worker's partial of an epoch (exact).
@@ -106,10 +241,7 @@ impl Moments {
                 );
                 self.n += n;
                 self.sum.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
-                self.ss
-                    .iter_mut()
-                    .zip(ss)
-                    .for_each(|(a, &b)| *a += i128::from(b));
+                self.ss.add_narrow(ss);
             }
         }
     }
@@ -203,7 +335,7 @@ impl MomentsAccumulator {
             dim,
             n: 0,
             sum: vec![0; dim],
-            ss: Vec::new(),
+            ss: SecondMoments::Narrow(Vec::new()),
         };
         MomentsAccumulator {
             total,
@@ -219,7 +351,7 @@ impl MomentsAccumulator {
 
     /// Adds `diff` copies of `e` (negative `diff` retracts).
     pub fn add(&mut self, e: &Embedding, diff: i64) {
-        let x = &e.0;
+        let x: &[i32] = &e.0;
         let d = self.total.dim;
         assert_eq!(
             x.len(),
@@ -378,11 +510,11 @@ impl MomentsAccumulator {
         self.flush_batch(true);
         let fast = std::mem::take(&mut self.fast);
         self.total.ss = if self.wide.is_empty() {
-            fast.into_iter().map(i128::from).collect()
+            SecondMoments::Narrow(fast)
         } else {
             let mut wide = std::mem::take(&mut self.wide);
             wide.iter_mut().zip(fast).for_each(|(w, f)| *w += f as i128);
-            wide
+            SecondMoments::Wide(wide)
         };
         self.total
     }
@@ -418,31 +550,69 @@ mod tests {
 
     #[test]
     fn retraction_cancels_exactly_and_merge_is_order_free() {
-        let a = Embedding(vec![3, -7, 1 << 22]);
-        let b = Embedding(vec![i32::MAX, 5, -2]);
+        let a = Embedding::from(vec![3, -7, 1 << 22]);
+        let b = Embedding::from(vec![i32::MAX, 5, -2]);
         let both = moments_of(3, [(&a, 1), (&b, 1)]);
         let mut split = moments_of(3, [(&b, 1)]);
         split.merge(&moments_of(3, [(&a, 1)]));
         assert_eq!(both, split);
         let cancelled = moments_of(3, [(&a, 1), (&b, 1), (&a, -1), (&b, -1)]);
         assert_eq!(cancelled, Moments::new(3));
-        assert_eq!(both.ss[both.packed(0, 1)], 3 * -7 + i32::MAX as i128 * 5);
+        assert_eq!(both.second(0, 1), 3 * -7 + i32::MAX as i128 * 5);
+    }
+
+    #[test]
+    fn second_moments_widen_exactly_where_i64_would_overflow() {
+        // (2^31 − 1)² is just under 2^62: two such rows fit in i64, three do not.
+        let big = Embedding::from(vec![i32::MAX, -3]);
+        let square = i32::MAX as i128 * i32::MAX as i128;
+        let partial = |diff: i64| {
+            let mut acc = MomentsAccumulator::new(2);
+            (0..2).for_each(|_| acc.add(&big, diff));
+            let partial = acc.finish_partial();
+            assert!(matches!(partial, Partial::Narrow { .. }), "two rows fit");
+            partial
+        };
+        let mut two = Moments::new(2);
+        (0..2).for_each(|_| two.add_row(&big, 1));
+        assert!(matches!(two.ss, SecondMoments::Narrow(_)));
+        let narrow_bytes = bincode::serialize(&two).unwrap();
+
+        let mut m = two.clone();
+        m.fold(&partial(1));
+        m.add_row(&big, 1);
+        assert!(
+            matches!(m.ss, SecondMoments::Wide(_)),
+            "five rows do not fit"
+        );
+        assert_eq!(m.second(0, 0), 5 * square);
+        assert_eq!(m.second(0, 1), 5 * i32::MAX as i128 * -3);
+        assert_eq!(m.second(1, 1), 5 * 9);
+        // Retracted back into range: equal to, and stored as, the narrow moments.
+        m.fold(&partial(-1));
+        m.add_row(&big, -1);
+        assert_eq!(m, two);
+        assert_eq!(bincode::serialize(&m).unwrap(), narrow_bytes);
+        let restored: Moments = bincode::deserialize(&narrow_bytes).unwrap();
+        assert_eq!(restored, two);
     }
 
     /// The straightforward i128 sum, one image at a time.
     fn scalar(dim: usize, items: &[(Embedding, i64)]) -> Moments {
         let mut m = Moments::new(dim);
+        let mut ss = vec![0i128; dim * (dim + 1) / 2];
         for (e, diff) in items {
             m.n += diff;
             let mut at = 0;
             for i in 0..dim {
                 m.sum[i] += e.0[i] as i64 * diff;
                 for j in i..dim {
-                    m.ss[at] += e.0[i] as i128 * e.0[j] as i128 * *diff as i128;
+                    ss[at] += e.0[i] as i128 * e.0[j] as i128 * *diff as i128;
                     at += 1;
                 }
             }
         }
+        m.ss = SecondMoments::Wide(ss);
         m
     }
 

@@ -143,8 +143,7 @@ pub fn fit(moments: &Moments, config: &PcaConfig) -> Option<PcaModel> {
     let scale = (1u64 << FIXED_POINT_SHIFT) as f64;
     // M_ij = n·SS_ij − s_i s_j = n(n−1)·cov_ij·2^40, exact in i128.
     let centred = |i: usize, j: usize| -> i128 {
-        n as i128 * moments.ss[moments.packed(i, j)]
-            - moments.sum[i] as i128 * moments.sum[j] as i128
+        n as i128 * moments.second(i, j) - moments.sum[i] as i128 * moments.sum[j] as i128
     };
     let diag: Vec<f64> = (0..d).map(|i| centred(i, i) as f64).collect();
     let nn1 = n as f64 * (n - 1) as f64;
