@@ -217,6 +217,15 @@ fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
     };
     let mut many = Embedder::load_for_stage(&config, &decode, &batched, 1).unwrap();
     assert_eq!(many.batch(), 8);
+    // The default batch follows the session's threads: 4 on one, 8 on more.
+    for (threads, expected) in [(1, 4), (2, 8)] {
+        let default = InferenceConfig {
+            threads,
+            ..InferenceConfig::default()
+        };
+        let embedder = Embedder::load_for_stage(&config, &decode, &default, 1).unwrap();
+        assert_eq!(embedder.batch(), expected, "{threads} threads");
+    }
     // Two workers' embedders on one shared session, as `shared_session = true` makes them.
     let shared = InferenceConfig {
         shared_session: true,

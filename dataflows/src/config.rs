@@ -84,10 +84,6 @@ impl PipelineConfig {
             "[kmeans] decay must be in (0, 1]"
         );
         anyhow::ensure!(
-            self.inference.batch > 0,
-            "[inference] batch must be positive"
-        );
-        anyhow::ensure!(
             self.embed.input_size > 0,
             "[embed] input_size must be positive"
         );

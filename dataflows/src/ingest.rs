@@ -191,8 +191,11 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
                 Outcome::Error(e) => Some(at(CommitItem::Error(e))),
                 Outcome::Row(_) => None,
             }),
-            labels
-                .map(|((label, stats), t, diff)| (t, CommitItem::Label(label, stats, diff as i64))),
+            labels.map(|((label, stats), t, diff)| {
+                // A retraction's old statistics are not needed to drop them: only
+                // the label crosses to the commit (10 KB less per changed label).
+                (t, CommitItem::Label(label, (diff > 0).then_some(stats)))
+            }),
             models.map(move |m| at(CommitItem::Models(Box::new(m)))),
             written.map(move |w| at(CommitItem::Written(w))),
         ]);

@@ -123,7 +123,8 @@ impl EmbedConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceConfig {
-    /// Images per model run (onnxruntime; tract runs one at a time, its fastest).
+    /// Images per model run (onnxruntime; tract runs one at a time, its fastest); 0 (the
+    /// default): [`InferenceConfig::batch_for`] picks it from the session's threads.
     pub batch: usize,
     /// Intra-op threads per worker (onnxruntime); 0: the process's cores divided among
     /// its workers, at least 1, so the workers do not oversubscribe the cores. With
@@ -139,7 +140,7 @@ pub struct InferenceConfig {
 impl Default for InferenceConfig {
     fn default() -> Self {
         InferenceConfig {
-            batch: DEFAULT_BATCH,
+            batch: 0,
             threads: 0,
             shared_session: false,
         }
@@ -155,11 +156,28 @@ struct Session {
     shared: bool,
 }
 
-/// Images per onnxruntime run by default: the best of 1/4/8/16 in the bench's batch
-/// table (docs/benchmarks.md, "Speed").
+/// Images per onnxruntime run by default for a session of several intra-op threads: the
+/// best of 1/4/8/16 at 2 threads in the bench's batch table (docs/benchmarks.md, "Speed").
 pub const DEFAULT_BATCH: usize = 8;
 
+/// Images per run by default for a one-thread session (`-w 2` on 2 cores): on one
+/// thread batches of 4 and 8 run at the same speed (326/325, 404/409, 462/447 images/s
+/// in the bench's tables), and 4 holds half the activations: ~25 MB less peak RSS per
+/// process at `-w 2` (20k images, 491 labels: 323-331 MB against 350-356 MB).
+pub const ONE_THREAD_BATCH: usize = 4;
+
 impl InferenceConfig {
+    /// Images per run for a session of `threads` intra-op threads: `batch`, or by
+    /// default [`ONE_THREAD_BATCH`] on one thread and [`DEFAULT_BATCH`] on more (a batch
+    /// gains only when several threads share it).
+    pub fn batch_for(&self, threads: usize) -> usize {
+        match self.batch {
+            0 if threads <= 1 => ONE_THREAD_BATCH,
+            0 => DEFAULT_BATCH,
+            batch => batch,
+        }
+    }
+
     /// The intra-op threads of each session among `workers` workers of this process
     /// (one session per worker, or one for them all with `shared_session`).
     pub fn threads_per_worker(&self, workers: usize) -> usize {
@@ -339,15 +357,16 @@ impl Embedder {
         inference: &InferenceConfig,
         workers: usize,
     ) -> Result<Self> {
+        let threads = inference.threads_per_worker(workers);
         Self::load_engine(
             config,
             decode,
             &[config.output.as_str()],
             Session {
-                threads: inference.threads_per_worker(workers),
+                threads,
                 shared: inference.shared_session,
             },
-            inference.batch.max(1),
+            inference.batch_for(threads),
         )
     }
 

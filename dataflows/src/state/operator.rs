@@ -23,9 +23,9 @@ pub enum CommitItem {
     Change(Change),
     /// A quarantined object.
     Error(ErrorRecord),
-    /// A label's statistics entering (+1) or leaving (−1) the per-label collection
-    /// (the output of differential's `count_total`).
-    Label(String, LabelDiff, i64),
+    /// A label's new statistics entering the per-label collection, or `None`: its old
+    /// ones leaving (the +1 and −1 of differential's `count_total`).
+    Label(String, Option<LabelDiff>),
     /// The models after the epoch (and its moment rows, when few).
     Models(Box<Fitted>),
     /// Rows written by a parquet sink.
@@ -131,7 +131,7 @@ pub fn apply(
     // enters with its new ones in the same epoch.
     items.sort_by_key(|i| match i {
         CommitItem::Change(_) => 0,
-        CommitItem::Label(_, _, diff) if *diff < 0 => 1,
+        CommitItem::Label(_, None) => 1,
         _ => 2,
     });
     let mut delta = Delta::default();
@@ -165,14 +165,13 @@ pub fn apply(
                     .insert(record.key.clone(), Some(record.clone()));
                 errors.insert(record.key.clone(), record);
             }
-            CommitItem::Label(label, stats, diff) => {
-                if diff < 0 {
-                    checkpoint.labels.remove(&label);
-                } else {
-                    checkpoint
-                        .labels
-                        .insert(label, LabelStats::from_diff(stats));
-                }
+            CommitItem::Label(label, None) => {
+                checkpoint.labels.remove(&label);
+            }
+            CommitItem::Label(label, Some(stats)) => {
+                checkpoint
+                    .labels
+                    .insert(label, LabelStats::from_diff(stats));
             }
             CommitItem::Models(fitted) => {
                 checkpoint.models = fitted.models;
