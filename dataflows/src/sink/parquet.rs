@@ -129,20 +129,8 @@ fn stored_batch(paths: ArrayRef, labels: ArrayRef, features: ArrayRef) -> Result
     )?)
 }
 
-/// Encodes stored rows as a Parquet file.
-pub fn encode_rows(rows: &[StoredRow]) -> Result<Vec<u8>> {
-    encode_in_slices(rows.len(), |range| {
-        let rows = &rows[range];
-        stored_batch(
-            strings(rows.iter().map(|r| r.path.as_str())),
-            strings(rows.iter().map(|r| r.label.as_str())),
-            f32_lists(rows.iter().map(|r| r.features.iter().copied())),
-        )
-    })
-}
-
-/// Encodes image rows, each with its path, as a Parquet file of stored rows (the same
-/// file [`encode_rows`] writes): the embed stage's rows go in as they are, the features
+/// Encodes image rows, each with its path, as a Parquet file of stored rows (what
+/// [`for_each_row`] reads): the embed stage's rows go in as they are, the features
 /// converted to f32 one write slice at a time.
 pub fn encode_image_rows(rows: &[(String, crate::record::ImageRow)]) -> Result<Vec<u8>> {
     encode_in_slices(rows.len(), |range| {
@@ -280,7 +268,7 @@ pub fn for_each_row(
 mod tests {
     use super::*;
 
-    /// Decodes a file written by [`encode_rows`] into whole rows.
+    /// Decodes a file written by [`encode_image_rows`] into whole rows.
     fn decode_rows(bytes: Vec<u8>) -> Result<Vec<StoredRow>> {
         let mut rows = Vec::new();
         for_each_row(bytes, |path, label, features| {
@@ -296,18 +284,56 @@ mod tests {
 
     #[test]
     fn rows_round_trip() {
-        let rows = vec![
-            StoredRow {
-                path: "/a/Apple Golden 1/x.jpg".into(),
-                label: "Apple Golden 1".into(),
-                features: vec![1.0, 2.5],
-            },
-            StoredRow {
-                path: "/a/Kiwi 1/y.jpg".into(),
-                label: "Kiwi 1".into(),
-                features: vec![0.0, -3.0],
-            },
-        ];
-        assert_eq!(decode_rows(encode_rows(&rows).unwrap()).unwrap(), rows);
+        use crate::record::{Embedding, ImageKey, ImageRow, Label};
+        let rows: Vec<(String, ImageRow)> = [
+            ("/a/Apple Golden 1/x.jpg", "Apple Golden 1", [1.0, 2.5]),
+            ("/a/Kiwi 1/y.jpg", "Kiwi 1", [0.0, -3.0]),
+        ]
+        .into_iter()
+        .map(|(path, label, features)| {
+            let row = ImageRow {
+                key: ImageKey(path.trim_start_matches("/a/").into()),
+                label: Label(label.into()),
+                embedding: Embedding::quantize(&features).unwrap(),
+            };
+            (path.to_string(), row)
+        })
+        .collect();
+        let expected: Vec<StoredRow> = rows
+            .iter()
+            .map(|(path, row)| StoredRow {
+                path: path.clone(),
+                label: row.label.0.clone(),
+                features: row.embedding.to_f32(),
+            })
+            .collect();
+        assert_eq!(expected[1].features, vec![0.0, -3.0]);
+        assert_eq!(
+            decode_rows(encode_image_rows(&rows).unwrap()).unwrap(),
+            expected
+        );
+    }
+
+    /// A file of several write slices (and a short last one) holds every row, in order.
+    #[test]
+    fn rows_round_trip_across_write_slices() {
+        use crate::record::{Embedding, ImageKey, ImageRow, Label};
+        let n = 2 * WRITE_SLICE + 7;
+        let rows: Vec<(String, ImageRow)> = (0..n)
+            .map(|i| {
+                let row = ImageRow {
+                    key: ImageKey(format!("L/{i:05}.jpg")),
+                    label: Label("L".into()),
+                    embedding: Embedding::quantize(&[i as f32 / 64.0, 1.0]).unwrap(),
+                };
+                (format!("/a/L/{i:05}.jpg"), row)
+            })
+            .collect();
+        let decoded = decode_rows(encode_image_rows(&rows).unwrap()).unwrap();
+        assert_eq!(decoded.len(), n);
+        for ((path, row), stored) in rows.iter().zip(&decoded) {
+            assert_eq!(&stored.path, path);
+            assert_eq!(stored.features, row.embedding.to_f32());
+        }
     }
 }

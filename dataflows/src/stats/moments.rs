@@ -71,7 +71,7 @@ impl SecondMoments {
     }
 
     /// Adds `values` entry by entry, widening at the first sum that leaves i64.
-    pub fn add_narrow(&mut self, values: &[i64]) {
+    fn add_narrow(&mut self, values: &[i64]) {
         assert_eq!(self.len(), values.len(), "adding moments of another size");
         let mut from = 0;
         if let SecondMoments::Narrow(v) = self {
@@ -233,16 +233,6 @@ impl Moments {
         match partial {
             Partial::Rows(rows) => rows.iter().for_each(|(e, diff)| self.add_row(e, *diff)),
             Partial::Dense(m) => self.merge(m),
-            Partial::Narrow { n, sum, ss } => {
-                assert_eq!(
-                    (self.sum.len(), self.ss.len()),
-                    (sum.len(), ss.len()),
-                    "merging moments of different dimension"
-                );
-                self.n += n;
-                self.sum.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
-                self.ss.add_narrow(ss);
-            }
         }
     }
 
@@ -260,19 +250,9 @@ impl Moments {
 pub enum Partial {
     /// The rows and their diffs.
     Rows(Vec<(Embedding, i64)>),
-    /// Their moments.
+    /// Their moments (the matrix in i64 unless an epoch's sums overflow it: 6.5 MB per
+    /// worker and epoch at d = 1280, held on worker 0 until the epoch is folded).
     Dense(Moments),
-    /// Their moments with the matrix in i64, as an epoch's sums are unless it holds
-    /// ~200k Lite0 images: half the bytes of `Dense` (6.5 MB instead of 13 at d = 1280)
-    /// per worker and epoch, sent to worker 0 and held there until the epoch is folded.
-    Narrow {
-        /// Images added minus retracted.
-        n: i64,
-        /// Per-dimension sums.
-        sum: Vec<i64>,
-        /// Packed upper triangle of the sum of outer products.
-        ss: Vec<i64>,
-    },
 }
 
 /// Rows a worker keeps as such before summing them densely (a dense partial costs
@@ -489,19 +469,10 @@ impl MomentsAccumulator {
         self.bound = 0;
     }
 
-    /// The sums as a partial to merge elsewhere: [`Partial::Narrow`] while the i64
-    /// matrix never overflowed (no conversion, no copy), else [`Partial::Dense`].
-    pub fn finish_partial(mut self) -> Partial {
-        self.flush_batch(false);
-        self.flush_batch(true);
-        if !self.wide.is_empty() {
-            return Partial::Dense(self.finish());
-        }
-        Partial::Narrow {
-            n: self.total.n,
-            sum: std::mem::take(&mut self.total.sum),
-            ss: std::mem::take(&mut self.fast),
-        }
+    /// The sums as a partial to merge elsewhere (see [`Self::finish`]: the i64 matrix
+    /// itself while it never overflowed, no conversion, no copy).
+    pub fn finish_partial(self) -> Partial {
+        Partial::Dense(self.finish())
     }
 
     /// The exact moments of everything added.
@@ -570,7 +541,10 @@ mod tests {
             let mut acc = MomentsAccumulator::new(2);
             (0..2).for_each(|_| acc.add(&big, diff));
             let partial = acc.finish_partial();
-            assert!(matches!(partial, Partial::Narrow { .. }), "two rows fit");
+            assert!(
+                matches!(&partial, Partial::Dense(m) if matches!(m.ss, SecondMoments::Narrow(_))),
+                "two rows fit"
+            );
             partial
         };
         let mut two = Moments::new(2);
@@ -666,7 +640,7 @@ mod tests {
         let mut acc = MomentsAccumulator::new(dim);
         head.iter().for_each(|(e, d)| acc.add(e, *d));
         let partial = acc.finish_partial();
-        assert!(matches!(partial, Partial::Narrow { .. }));
+        assert!(matches!(&partial, Partial::Dense(m) if matches!(m.ss, SecondMoments::Narrow(_))));
         narrow.fold(&partial);
         narrow.fold(&Partial::Rows(tail.to_vec()));
         assert_eq!(narrow, fast);
