@@ -192,7 +192,15 @@ fn replay(
         n / r.moments_s.max(1e-9)
     );
     println!("PCA fit (eigendecomposition, fixed cost): {:.3} s", r.pca_s);
-    println!("KMeans fit: {:.3} s", r.kmeans_s);
+    println!(
+        "KMeans fit: {:.3} s ({})",
+        r.kmeans_s,
+        if r.single_pass {
+            "folded in the same pass, under the committed PCA, which the refit equals"
+        } else {
+            "a second pass, under the refitted PCA"
+        }
+    );
     println!(
         "total: {:.3} s ({:.0} images/s)",
         total,

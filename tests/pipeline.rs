@@ -222,6 +222,17 @@ fn replay_rebuilds_the_streamed_statistics_from_the_live_rows() {
         printed.contains("per-label statistics (4 labels) equal to the streamed state: yes"),
         "{printed}"
     );
+    assert!(printed.contains("folded in the same pass"), "{printed}");
     let refit = read_json(&out.join("replay/models/pca.json"));
     assert_eq!(refit["k"], status(&out)["pca"]["k"]);
+
+    // The single pass and its batch twin, two passes, rebuild the same models.
+    use fruits_dataflows::replay::{replay_in, Passes};
+    let store = fruits_dataflows::sink::open(out.to_str().unwrap(), &Default::default()).unwrap();
+    let config = fruits_dataflows::PipelineConfig::default();
+    let [one, two] = [Passes::Auto, Passes::Two]
+        .map(|passes| replay_in(store.as_ref(), &config.pca, &config.kmeans, passes).unwrap());
+    assert!(one.single_pass && !two.single_pass);
+    assert!(!one.models.kmeans.centroids.is_empty());
+    assert_eq!(one.models, two.models);
 }

@@ -1,7 +1,8 @@
 //! Replay: rebuilds every statistic from the stored embeddings of an output, without
 //! running the model: exact moments and per-label statistics (bit-identical to the
-//! streamed ones, which it checks), the PCA, and a KMeans folded in over the live images file by file. Use it to verify
-//! an output, or to refit with other `[pca]`/`[kmeans]` settings.
+//! streamed ones, which it checks), the PCA, and a KMeans folded in over the live images
+//! file by file. Use it to verify an output, or to refit with other `[pca]`/`[kmeans]`
+//! settings.
 
 use crate::record::ImageRow;
 use crate::sink::OutputStore;
@@ -9,7 +10,6 @@ use crate::state::{live_files, load_committed, read_live_image_rows, Archive, Ch
 use crate::stats::{KMeansConfig, LabelStats, Models, Moments, MomentsAccumulator, PcaConfig};
 use anyhow::Result;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// What a replay rebuilt, and how long each part took.
@@ -26,8 +26,10 @@ pub struct Replay {
     pub moments_s: f64,
     /// Seconds fitting the PCA (an eigendecomposition, independent of the image count).
     pub pca_s: f64,
-    /// Seconds fitting the KMeans.
+    /// Seconds folding the KMeans (with its decoding when it took a second pass).
     pub kmeans_s: f64,
+    /// True when the KMeans was folded in the moments' pass (see [`replay_in`]).
+    pub single_pass: bool,
     /// True when the rebuilt moments equal the streamed ones bit for bit.
     pub moments_identical: bool,
     /// The rebuilt per-label statistics (count and exact sum).
@@ -36,66 +38,81 @@ pub struct Replay {
     pub labels_identical: bool,
 }
 
-/// Rebuilds the statistics of `store`'s committed state in two streaming passes over the
-/// stored embeddings (memory: the ledger and a file per core): exact moments, then, under
-/// the refitted PCA, the KMeans folded in file by file as the pipeline folds epochs.
+/// How many passes over the stored embeddings a replay may make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passes {
+    /// One when the committed PCA turns out to be the refitted one (the usual case: the
+    /// same `[pca]` settings and a PCA fitted at the last epoch), else two.
+    Auto,
+    /// Always two: moments first, then the KMeans under the refitted PCA (the batch twin
+    /// the tests compare the single pass with).
+    Two,
+}
+
+/// Rebuilds the statistics of `store`'s committed state by streaming the stored
+/// embeddings (memory: the ledger and a file per core): exact moments and, under the
+/// refitted PCA, the KMeans folded in file by file as the pipeline folds epochs.
 pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -> Result<Replay> {
+    replay_in(store, pca, kmeans, Passes::Auto)
+}
+
+/// [`replay`] with a choice of [`Passes`].
+///
+/// Decoding the Parquet files is about half of a replay, so the KMeans is folded in the
+/// same pass as the moments under the committed PCA, and kept only if the PCA refitted
+/// after the pass equals that one exactly (then the fold is the one a second pass would
+/// make); otherwise a second pass folds under the refitted PCA.
+pub fn replay_in(
+    store: &dyn OutputStore,
+    pca: &PcaConfig,
+    kmeans: &KMeansConfig,
+    passes: Passes,
+) -> Result<Replay> {
     let checkpoint = load_committed(store)?;
     let archive = Archive::load(store, &checkpoint, |_| true)?;
     let dim = checkpoint.models.moments.dim;
     let files = live_files(store, &checkpoint)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let read = |(name, epoch): &(String, u64)| {
+        read_live_image_rows(store, &checkpoint, &archive, name, *epoch)
+    };
 
-    // Pass 1: every core takes the next file, decodes it and adds its rows to its own
-    // accumulator; integer sums merge exactly in any order.
-    let next = AtomicUsize::new(0);
-    let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.min(files.len()).max(1))
-            .map(|_| {
-                scope.spawn(|| -> Result<Part> {
-                    let mut part = Part {
-                        acc: MomentsAccumulator::new(dim),
-                        labels: BTreeMap::new(),
-                        images: 0,
-                        read_s: 0.0,
-                        moments_s: 0.0,
-                    };
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((name, epoch)) = files.get(i) else {
-                            return Ok(part);
-                        };
-                        let t = Instant::now();
-                        let rows =
-                            read_live_image_rows(store, &checkpoint, &archive, name, *epoch)?;
-                        part.read_s += t.elapsed().as_secs_f64();
-                        let t = Instant::now();
-                        for row in &rows {
-                            part.acc.add(&row.embedding, 1);
-                            if let Some(stats) = part.labels.get_mut(&row.label.0) {
-                                stats.add(&row.embedding, 1);
-                            } else {
-                                let mut stats = LabelStats::default();
-                                stats.add(&row.embedding, 1);
-                                part.labels.insert(row.label.0.clone(), stats);
-                            }
-                        }
-                        part.images += rows.len();
-                        part.moments_s += t.elapsed().as_secs_f64();
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("replay thread panicked"))
-            .collect()
+    // The KMeans of the first pass, under the committed PCA.
+    let guess = match passes {
+        Passes::Auto => checkpoint.models.pca.clone(),
+        Passes::Two => None,
+    };
+    let mut early = guess.clone().map(|pca| Models {
+        pca: Some(pca),
+        ..Models::new(dim)
     });
+
+    // One pass: a window of a file per core is decoded and added to that core's own
+    // accumulator in parallel (integer sums merge exactly in any order), then folded
+    // into the KMeans in file order while nothing else runs (the fold is k dot products
+    // per point and uses every core itself).
+    let mut parts: Vec<Part> = (0..threads.max(1)).map(|_| Part::new(dim)).collect();
+    let mut kmeans_s = 0.0;
+    for window in files.chunks(threads.max(1)) {
+        use rayon::prelude::*;
+        let decoded: Vec<Result<Vec<ImageRow>>> = window
+            .par_iter()
+            .zip(parts.par_iter_mut())
+            .map(|(file, part)| part.add_file(|| read(file)))
+            .collect();
+        let decoded = decoded.into_iter().collect::<Result<Vec<_>>>()?;
+        if let Some(models) = early.as_mut() {
+            let started = Instant::now();
+            for rows in decoded {
+                models.fold_points_with(points(rows), kmeans, faer::Par::rayon(0));
+            }
+            kmeans_s += started.elapsed().as_secs_f64();
+        }
+    }
     let mut moments = Moments::new(dim);
     let mut labels: BTreeMap<String, LabelStats> = BTreeMap::new();
     let (mut read_s, mut moments_s, mut images) = (0.0, 0.0, 0);
     for part in parts {
-        let part = part?;
         read_s += part.read_s;
         moments_s += part.moments_s;
         images += part.images;
@@ -108,29 +125,29 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
     let labels_identical = labels == checkpoint.labels;
 
     let started = Instant::now();
-    let mut models = Models::new(dim);
-    models.moments = moments;
-    models.pca = crate::stats::pca::fit(&models.moments, pca);
+    let refit = crate::stats::pca::fit(&moments, pca);
     let pca_s = started.elapsed().as_secs_f64();
-
-    // Pass 2: the KMeans folds files in order. Every core decodes one file of the next
-    // window while nothing else runs (decoding is most of this pass: the fold is k dot
-    // products per point), then the window is folded in file order; memory: a window.
-    // (Folding one window while decoding the next measured no faster: the fold's own
-    // parallel part then competes with the decoding.)
-    let started = Instant::now();
-    for window in files.chunks(threads.max(1)) {
-        use rayon::prelude::*;
-        let decoded: Vec<Result<Vec<ImageRow>>> = window
-            .par_iter()
-            .map(|(name, epoch)| read_live_image_rows(store, &checkpoint, &archive, name, *epoch))
-            .collect();
-        for rows in decoded {
-            let points = rows?.into_iter().map(|r| (r.key, r.embedding, 1)).collect();
-            models.fold_points_with(points, kmeans, faer::Par::rayon(0));
+    let single_pass = early.is_some() && refit.is_some() && refit == guess;
+    let mut models = match early.filter(|_| single_pass) {
+        Some(models) => models,
+        None => {
+            let started = Instant::now();
+            let mut models = Models {
+                pca: refit,
+                ..Models::new(dim)
+            };
+            for window in files.chunks(threads.max(1)) {
+                use rayon::prelude::*;
+                let decoded: Vec<Result<Vec<ImageRow>>> = window.par_iter().map(read).collect();
+                for rows in decoded {
+                    models.fold_points_with(points(rows?), kmeans, faer::Par::rayon(0));
+                }
+            }
+            kmeans_s = started.elapsed().as_secs_f64();
+            models
         }
-    }
-    let kmeans_s = started.elapsed().as_secs_f64();
+    };
+    models.moments = moments;
     Ok(Replay {
         images,
         checkpoint,
@@ -139,17 +156,56 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
         moments_s,
         pca_s,
         kmeans_s,
+        single_pass,
         moments_identical,
         labels,
         labels_identical,
     })
 }
 
-/// One pass-1 thread's share.
+/// A file's rows as the KMeans fold takes them.
+fn points(rows: Vec<ImageRow>) -> Vec<crate::stats::kmeans::EpochPoint> {
+    rows.into_iter().map(|r| (r.key, r.embedding, 1)).collect()
+}
+
+/// One core's share of the moments and per-label sums.
 struct Part {
     acc: MomentsAccumulator,
     labels: BTreeMap<String, LabelStats>,
     images: usize,
     read_s: f64,
     moments_s: f64,
+}
+
+impl Part {
+    fn new(dim: usize) -> Self {
+        Part {
+            acc: MomentsAccumulator::new(dim),
+            labels: BTreeMap::new(),
+            images: 0,
+            read_s: 0.0,
+            moments_s: 0.0,
+        }
+    }
+
+    /// Reads a file with `read` and adds its rows; returns them for the KMeans fold.
+    fn add_file(&mut self, read: impl FnOnce() -> Result<Vec<ImageRow>>) -> Result<Vec<ImageRow>> {
+        let t = Instant::now();
+        let rows = read()?;
+        self.read_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for row in &rows {
+            self.acc.add(&row.embedding, 1);
+            if let Some(stats) = self.labels.get_mut(&row.label.0) {
+                stats.add(&row.embedding, 1);
+            } else {
+                let mut stats = LabelStats::default();
+                stats.add(&row.embedding, 1);
+                self.labels.insert(row.label.0.clone(), stats);
+            }
+        }
+        self.images += rows.len();
+        self.moments_s += t.elapsed().as_secs_f64();
+        Ok(rows)
+    }
 }
