@@ -196,7 +196,7 @@ fn replay(
         "KMeans fit: {:.3} s ({})",
         r.kmeans_s,
         if r.single_pass {
-            "folded in the same pass, under the committed PCA, which the refit equals"
+            "folded in the same pass, under the PCA of the streamed moments, which the rebuilt ones equal"
         } else {
             "a second pass, under the refitted PCA"
         }

@@ -7,7 +7,7 @@
 use crate::record::ImageRow;
 use crate::sink::OutputStore;
 use crate::state::{live_files, load_committed, read_live_image_rows, Archive, Checkpoint};
-use crate::stats::{KMeansConfig, LabelStats, Models, Moments, MomentsAccumulator, PcaConfig};
+use crate::stats::{pca, KMeansConfig, LabelStats, Models, Moments, MomentsAccumulator, PcaConfig};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -41,8 +41,8 @@ pub struct Replay {
 /// How many passes over the stored embeddings a replay may make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Passes {
-    /// One when the committed PCA turns out to be the refitted one (the usual case: the
-    /// same `[pca]` settings and a PCA fitted at the last epoch), else two.
+    /// One when the rebuilt moments equal the streamed ones (else the output is damaged,
+    /// which replay reports), two otherwise.
     Auto,
     /// Always two: moments first, then the KMeans under the refitted PCA (the batch twin
     /// the tests compare the single pass with).
@@ -59,9 +59,10 @@ pub fn replay(store: &dyn OutputStore, pca: &PcaConfig, kmeans: &KMeansConfig) -
 /// [`replay`] with a choice of [`Passes`].
 ///
 /// Decoding the Parquet files is about half of a replay, so the KMeans is folded in the
-/// same pass as the moments under the committed PCA, and kept only if the PCA refitted
-/// after the pass equals that one exactly (then the fold is the one a second pass would
-/// make); otherwise a second pass folds under the refitted PCA.
+/// same pass as the moments are rebuilt, under the PCA fitted on the streamed moments.
+/// That is the refitted PCA exactly when the rebuilt moments equal the streamed ones (the
+/// same fit of the same integers), which the pass checks; otherwise a second pass folds
+/// under the PCA of the rebuilt moments.
 pub fn replay_in(
     store: &dyn OutputStore,
     pca: &PcaConfig,
@@ -77,13 +78,16 @@ pub fn replay_in(
         read_live_image_rows(store, &checkpoint, &archive, name, *epoch)
     };
 
-    // The KMeans of the first pass, under the committed PCA.
+    // The PCA of the streamed moments, so that the KMeans can be folded in the same pass
+    // as the moments are rebuilt; it is the refitted PCA exactly when they come out equal.
+    let started = Instant::now();
     let guess = match passes {
-        Passes::Auto => checkpoint.models.pca.clone(),
+        Passes::Auto => pca::fit(&checkpoint.models.moments, pca),
         Passes::Two => None,
     };
-    let mut early = guess.clone().map(|pca| Models {
-        pca: Some(pca),
+    let mut pca_s = started.elapsed().as_secs_f64();
+    let mut early = guess.map(|fitted| Models {
+        pca: Some(fitted),
         ..Models::new(dim)
     });
 
@@ -124,13 +128,13 @@ pub fn replay_in(
     let moments_identical = moments == checkpoint.models.moments;
     let labels_identical = labels == checkpoint.labels;
 
-    let started = Instant::now();
-    let refit = crate::stats::pca::fit(&moments, pca);
-    let pca_s = started.elapsed().as_secs_f64();
-    let single_pass = early.is_some() && refit.is_some() && refit == guess;
+    let single_pass = early.is_some() && moments_identical;
     let mut models = match early.filter(|_| single_pass) {
         Some(models) => models,
         None => {
+            let started = Instant::now();
+            let refit = pca::fit(&moments, pca);
+            pca_s = started.elapsed().as_secs_f64();
             let started = Instant::now();
             let mut models = Models {
                 pca: refit,
