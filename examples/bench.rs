@@ -280,7 +280,10 @@ fn main() -> Result<()> {
                 let ratio = rate / best;
                 println!("  run --once -w 2 ({name}) >= {floor} x onnxruntime's best at 2 threads: {ratio:.2} ({})", verdict(ratio >= floor));
                 if let Some(ceiling) = ceiling {
-                    println!("    (against two 1-thread sessions' ceiling, the stricter measure: {:.2})", rate / ceiling);
+                    println!(
+                        "    (against two 1-thread sessions' ceiling, the stricter measure: {:.2})",
+                        rate / ceiling
+                    );
                 }
             }
         }
