@@ -23,19 +23,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// `replay` is the exception: it decodes one Parquet file after another on every core,
 /// and purging each file's buffers at once made it fault the same pages back in for every
-/// file (a sixth of its time). It keeps them for 250 ms.
+/// file (a sixth of its time). It keeps them for 250 ms, with no purge sweep.
 fn tune_allocator(command: &Command) {
     // `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (include/mimalloc.h).
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    let delay = match command {
-        Command::Replay(_) => 250,
-        _ => 10,
+    let (delay, sweep) = match command {
+        Command::Replay(_) => (250, false),
+        _ => (10, true),
     };
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads it at each purge.
         unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, delay) };
     }
-    if !matches!(command, Command::Replay(_)) {
+    if sweep {
         spawn_purge_sweep();
     }
 }
@@ -55,8 +55,9 @@ fn spawn_purge_sweep() {
             // SAFETY: mi_collect takes no pointers; it is safe from any thread.
             unsafe { libmimalloc_sys::mi_collect(true) };
         });
+    // Before the log subscriber exists, so straight to stderr.
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "No allocator purge thread; memory may stay resident longer.");
+        eprintln!("warning: no allocator purge thread ({e}); memory may stay resident longer");
     }
 }
 

@@ -24,7 +24,8 @@ pub struct Replay {
     pub read_s: f64,
     /// Seconds accumulating the exact moments (summed over threads).
     pub moments_s: f64,
-    /// Seconds fitting the PCA (an eigendecomposition, independent of the image count).
+    /// Seconds fitting the PCA (an eigendecomposition, independent of the image count;
+    /// two of them when the KMeans took a second pass).
     pub pca_s: f64,
     /// Seconds folding the KMeans (with its decoding when it took a second pass).
     pub kmeans_s: f64,
@@ -73,7 +74,8 @@ pub fn replay_in(
     let archive = Archive::load(store, &checkpoint, |_| true)?;
     let dim = checkpoint.models.moments.dim;
     let files = live_files(store, &checkpoint)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Files decoded at once: one per core.
+    let window = std::thread::available_parallelism().map_or(1, |n| n.get());
     let read = |(name, epoch): &(String, u64)| {
         read_live_image_rows(store, &checkpoint, &archive, name, *epoch)
     };
@@ -95,11 +97,11 @@ pub fn replay_in(
     // accumulator in parallel (integer sums merge exactly in any order), then folded
     // into the KMeans in file order while nothing else runs (the fold is k dot products
     // per point and uses every core itself).
-    let mut parts: Vec<Part> = (0..threads.max(1)).map(|_| Part::new(dim)).collect();
+    let mut parts: Vec<Part> = (0..window).map(|_| Part::new(dim)).collect();
     let mut kmeans_s = 0.0;
-    for window in files.chunks(threads.max(1)) {
+    for files in files.chunks(window) {
         use rayon::prelude::*;
-        let decoded: Vec<Result<Vec<ImageRow>>> = window
+        let decoded: Vec<Result<Vec<ImageRow>>> = files
             .par_iter()
             .zip(parts.par_iter_mut())
             .map(|(file, part)| part.add_file(|| read(file)))
@@ -108,7 +110,7 @@ pub fn replay_in(
         if let Some(models) = early.as_mut() {
             let started = Instant::now();
             for rows in decoded {
-                models.fold_points_with(points(rows), kmeans, faer::Par::rayon(0));
+                fold(models, rows, kmeans);
             }
             kmeans_s += started.elapsed().as_secs_f64();
         }
@@ -134,17 +136,17 @@ pub fn replay_in(
         None => {
             let started = Instant::now();
             let refit = pca::fit(&moments, pca);
-            pca_s = started.elapsed().as_secs_f64();
+            pca_s += started.elapsed().as_secs_f64();
             let started = Instant::now();
             let mut models = Models {
                 pca: refit,
                 ..Models::new(dim)
             };
-            for window in files.chunks(threads.max(1)) {
+            for files in files.chunks(window) {
                 use rayon::prelude::*;
-                let decoded: Vec<Result<Vec<ImageRow>>> = window.par_iter().map(read).collect();
+                let decoded: Vec<Result<Vec<ImageRow>>> = files.par_iter().map(read).collect();
                 for rows in decoded {
-                    models.fold_points_with(points(rows?), kmeans, faer::Par::rayon(0));
+                    fold(&mut models, rows?, kmeans);
                 }
             }
             kmeans_s = started.elapsed().as_secs_f64();
@@ -167,9 +169,11 @@ pub fn replay_in(
     })
 }
 
-/// A file's rows as the KMeans fold takes them.
-fn points(rows: Vec<ImageRow>) -> Vec<crate::stats::kmeans::EpochPoint> {
-    rows.into_iter().map(|r| (r.key, r.embedding, 1)).collect()
+/// Folds a file's rows into the KMeans, as the pipeline folds an epoch's points (the
+/// projections on every core: nothing else runs meanwhile).
+fn fold(models: &mut Models, rows: Vec<ImageRow>, kmeans: &KMeansConfig) {
+    let points = rows.into_iter().map(|r| (r.key, r.embedding, 1)).collect();
+    models.fold_points_with(points, kmeans, faer::Par::rayon(0));
 }
 
 /// One core's share of the moments and per-label sums.
