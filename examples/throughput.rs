@@ -1,13 +1,14 @@
-//! Prints images/s of the decode+resize stage and of the embed stage alone (one thread,
-//! batch 1) over a Fruits-360 folder:
-//! `cargo run --release --example throughput -- ../shared/fruits360/Training [LIMIT]`.
+//! Prints images/s of the decode+resize stage and of the tract embed stage alone (one
+//! thread, batch 1, the default `conv_nhwc` transform) over a Fruits-360 folder:
+//! `cargo run --release --example throughput -- ../shared/fruits360/Training [LIMIT [MODEL
+//! [TRANSFORM]]]`.
 
 // The same allocator as the fruits-flow binary, so figures match it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use fruits_dataflows::decode::DecodeConfig;
-use fruits_dataflows::embed::{EmbedConfig, Embedder};
+use fruits_dataflows::embed::{Backend, EmbedConfig, Embedder};
 use fruits_dataflows::source::{LocalDir, Source};
 use std::time::Instant;
 
@@ -35,7 +36,10 @@ fn main() -> anyhow::Result<()> {
         model: std::env::args()
             .nth(3)
             .map_or(EmbedConfig::default().model, Into::into),
-        transforms: std::env::args().nth(4).map(|t| vec![t]).unwrap_or_default(),
+        transforms: std::env::args()
+            .nth(4)
+            .map_or(EmbedConfig::default().transforms, |t| vec![t]),
+        backend: Backend::Tract,
         ..EmbedConfig::default()
     };
     let mut embedder = Embedder::load(&config, &DecodeConfig::default())?;

@@ -4,6 +4,7 @@
 //! batch 1, measured here); onnxruntime runs batches of `[inference] batch` images with
 //! the intra-op threads the process's cores leave each worker.
 
+pub mod depthwise;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod operator;
@@ -307,6 +308,11 @@ fn tract_plan(config: &EmbedConfig, outputs: &[&str]) -> Result<(Arc<TypedRunnab
         .into_optimized()
         .with_context(|| format!("optimising {}", config.model.display()))?
         .into_runnable()?;
+    tracing::debug!(
+        stage = "embed",
+        depthwise = depthwise::active_kernel().unwrap_or("tract's generic loop"),
+        "tract plan ready"
+    );
     plans.insert(id, (plan.clone(), size));
     Ok((plan, size))
 }
