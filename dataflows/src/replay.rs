@@ -27,7 +27,8 @@ pub struct Replay {
     /// Seconds fitting the PCA (an eigendecomposition, independent of the image count;
     /// two of them when the KMeans took a second pass).
     pub pca_s: f64,
-    /// Seconds folding the KMeans (with its decoding when it took a second pass).
+    /// Seconds folding the KMeans (on its own thread, beside the decoding, in a single
+    /// pass; with its decoding when it took a second pass).
     pub kmeans_s: f64,
     /// True when the KMeans was folded in the moments' pass (see [`replay_in`]).
     pub single_pass: bool,
@@ -88,33 +89,55 @@ pub fn replay_in(
         Passes::Two => None,
     };
     let mut pca_s = started.elapsed().as_secs_f64();
-    let mut early = guess.map(|fitted| Models {
+    let early = guess.map(|fitted| Models {
         pca: Some(fitted),
         ..Models::new(dim)
     });
 
     // One pass: a window of a file per core is decoded and added to that core's own
-    // accumulator in parallel (integer sums merge exactly in any order), then folded
-    // into the KMeans in file order while nothing else runs (the fold is k dot products
-    // per point and uses every core itself).
+    // accumulator in parallel (integer sums merge exactly in any order), while the files
+    // already decoded are folded into the KMeans in file order on a thread of their own:
+    // the fold is sequential by definition, and run between windows it left a core idle
+    // for a quarter of the replay. At most one window waits to be folded.
     let mut parts: Vec<Part> = (0..window).map(|_| Part::new(dim)).collect();
-    let mut kmeans_s = 0.0;
-    for files in files.chunks(window) {
-        use rayon::prelude::*;
-        let decoded: Vec<Result<Vec<ImageRow>>> = files
-            .par_iter()
-            .zip(parts.par_iter_mut())
-            .map(|(file, part)| part.add_file(|| read(file)))
-            .collect();
-        let decoded = decoded.into_iter().collect::<Result<Vec<_>>>()?;
-        if let Some(models) = early.as_mut() {
-            let started = Instant::now();
+    let (early, kmeans_s) = std::thread::scope(|scope| -> Result<_> {
+        let (to_fold, folding) = std::sync::mpsc::sync_channel::<Vec<ImageRow>>(window);
+        let folder = early.map(|mut models| {
+            scope.spawn(move || {
+                let mut busy = 0.0;
+                for rows in folding {
+                    let started = Instant::now();
+                    fold(&mut models, rows, kmeans, faer::Par::Seq);
+                    busy += started.elapsed().as_secs_f64();
+                }
+                (models, busy)
+            })
+        });
+        for files in files.chunks(window) {
+            use rayon::prelude::*;
+            let decoded: Vec<Result<Vec<ImageRow>>> = files
+                .par_iter()
+                .zip(parts.par_iter_mut())
+                .map(|(file, part)| part.add_file(|| read(file)))
+                .collect();
             for rows in decoded {
-                fold(models, rows, kmeans);
+                let rows = rows?;
+                if folder.is_some() {
+                    to_fold
+                        .send(rows)
+                        .expect("the KMeans fold outlives the pass");
+                }
             }
-            kmeans_s += started.elapsed().as_secs_f64();
         }
-    }
+        drop(to_fold);
+        Ok(match folder {
+            Some(folder) => {
+                let (models, busy) = folder.join().expect("the KMeans fold panicked");
+                (Some(models), busy)
+            }
+            None => (None, 0.0),
+        })
+    })?;
     let mut moments = Moments::new(dim);
     let mut labels: BTreeMap<String, LabelStats> = BTreeMap::new();
     let (mut read_s, mut moments_s, mut images) = (0.0, 0.0, 0);
@@ -131,8 +154,8 @@ pub fn replay_in(
     let labels_identical = labels == checkpoint.labels;
 
     let single_pass = early.is_some() && moments_identical;
-    let mut models = match early.filter(|_| single_pass) {
-        Some(models) => models,
+    let (mut models, kmeans_s) = match early.filter(|_| single_pass) {
+        Some(models) => (models, kmeans_s),
         None => {
             let started = Instant::now();
             let refit = pca::fit(&moments, pca);
@@ -146,11 +169,10 @@ pub fn replay_in(
                 use rayon::prelude::*;
                 let decoded: Vec<Result<Vec<ImageRow>>> = files.par_iter().map(read).collect();
                 for rows in decoded {
-                    fold(&mut models, rows?, kmeans);
+                    fold(&mut models, rows?, kmeans, faer::Par::rayon(0));
                 }
             }
-            kmeans_s = started.elapsed().as_secs_f64();
-            models
+            (models, started.elapsed().as_secs_f64())
         }
     };
     models.moments = moments;
@@ -170,10 +192,10 @@ pub fn replay_in(
 }
 
 /// Folds a file's rows into the KMeans, as the pipeline folds an epoch's points (the
-/// projections on every core: nothing else runs meanwhile).
-fn fold(models: &mut Models, rows: Vec<ImageRow>, kmeans: &KMeansConfig) {
+/// nearest centroids found on the cores `par` gives; the result does not depend on it).
+fn fold(models: &mut Models, rows: Vec<ImageRow>, kmeans: &KMeansConfig, par: faer::Par) {
     let points = rows.into_iter().map(|r| (r.key, r.embedding, 1)).collect();
-    models.fold_points_with(points, kmeans, faer::Par::rayon(0));
+    models.fold_points_with(points, kmeans, par);
 }
 
 /// One core's share of the moments and per-label sums.

@@ -221,6 +221,11 @@ impl<W: std::io::Write + Send> ExportWriter<W> {
     }
 }
 
+/// Rows decoded at a time: a batch's float buffer (5 KB a row at d = 1280) grows by
+/// doubling as pages are read, so the reader's default 1,024 rows copied and page-faulted
+/// ~10 MB per file; at 128 rows the buffers are small enough for the allocator to reuse.
+const READ_BATCH: usize = 128;
+
 /// Calls `each(path, label, features)` for every stored row, borrowing from the decoded
 /// batch: readers that keep only part of a row (replay keeps the quantized embedding)
 /// copy nothing else. The features are sliced from the list's flat values by its
@@ -229,7 +234,9 @@ pub fn for_each_row(
     bytes: Vec<u8>,
     mut each: impl FnMut(&str, &str, &[f32]) -> Result<()>,
 ) -> Result<()> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))?.build()?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))?
+        .with_batch_size(READ_BATCH)
+        .build()?;
     for batch in reader {
         let batch = batch?;
         let column = |name: &str| {

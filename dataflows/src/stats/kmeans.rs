@@ -242,13 +242,10 @@ impl Scores {
     fn new(centroids: &[Vec<f64>], pca: &PcaModel) -> Self {
         let (mean, std) = (&pca.scaler.mean, &pca.scaler.std);
         let projected = pca.project_many(centroids);
-        let w: Vec<Vec<f64>> = projected
-            .iter()
-            .map(|q| {
-                let mut w = vec![0.0f64; mean.len()];
-                for (v, qi) in pca.components[..pca.k].iter().zip(q) {
-                    w.iter_mut().zip(v).for_each(|(w, vj)| *w += vj * qi);
-                }
+        let w: Vec<Vec<f64>> = pca
+            .back_project_many(&projected)
+            .into_iter()
+            .map(|mut w| {
                 w.iter_mut().zip(std).for_each(|(w, s)| {
                     *w = if *s > 0.0 { *w / s } else { 0.0 };
                 });

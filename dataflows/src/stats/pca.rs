@@ -95,13 +95,7 @@ impl PcaModel {
         // same whatever the block.
         const BLOCK: usize = 256;
         let (d, k) = (self.scaler.mean.len(), self.k);
-        // The kept components as one contiguous k x d matrix, row by row (a copy of
-        // contiguous rows: a column-by-column gather of d x k was most of a trickle
-        // epoch's KMeans fold).
-        let mut flat = Vec::with_capacity(k * d);
-        for c in &self.components[..k] {
-            flat.extend_from_slice(&c[..d]);
-        }
+        let flat = self.kept_components();
         let v = faer::MatRef::from_row_major_slice(&flat, k, d).transpose();
         let mut projected = Vec::with_capacity(xs.len());
         for block in xs.chunks(BLOCK) {
@@ -126,6 +120,41 @@ impl PcaModel {
             projected.extend((0..n).map(|i| (0..k).map(|c| out[(i, c)]).collect::<Vec<f64>>()));
         }
         projected
+    }
+
+    /// The kept components as one contiguous k x d matrix, row by row (a copy of
+    /// contiguous rows: a column-by-column gather of d x k was most of a trickle epoch's
+    /// KMeans fold).
+    fn kept_components(&self) -> Vec<f64> {
+        let d = self.scaler.mean.len();
+        let mut flat = Vec::with_capacity(self.k * d);
+        for c in &self.components[..self.k] {
+            flat.extend_from_slice(&c[..d]);
+        }
+        flat
+    }
+
+    /// `V_k q` for each `q` of k coordinates: the points of the standardized space the
+    /// PCA coordinates name, as one matrix product (the KMeans scores back-project every
+    /// centroid at every fold; one component at a time, that read the k x d components
+    /// once per centroid, a sixth of a replay's KMeans fold).
+    pub fn back_project_many(&self, qs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let (d, k) = (self.scaler.mean.len(), self.k);
+        let flat = self.kept_components();
+        let v = faer::MatRef::from_row_major_slice(&flat, k, d);
+        let q = Mat::<f64>::from_fn(qs.len(), k, |i, c| qs[i][c]);
+        let mut out = Mat::<f64>::zeros(qs.len(), d);
+        faer::linalg::matmul::matmul(
+            out.as_mut(),
+            faer::Accum::Replace,
+            q.as_ref(),
+            v,
+            1.0,
+            faer::Par::Seq,
+        );
+        (0..qs.len())
+            .map(|i| (0..d).map(|j| out[(i, j)]).collect())
+            .collect()
     }
 
     /// Cumulative explained variance of the kept components.
