@@ -54,42 +54,9 @@ pub fn active_kernel() -> Option<&'static str> {
 /// As the type's: every input, kernel and bias value named above readable, every output
 /// value writable, and the machine has AVX (tract only runs a routine its `isa` allows).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_c_f32(
-    input: *const f32,
-    output: *mut f32,
-    kernel: *const f32,
-    tap_indices: &[usize],
-    offsets: &[isize],
-    bias: *const f32,
-    channels: usize,
-    k_stride: usize,
-    len: usize,
-    in_stride: isize,
-    out_stride: isize,
-) {
-    // SAFETY: the caller's contract, passed on whole.
-    unsafe {
-        depthwise_c_f32_avx(
-            input,
-            output,
-            kernel,
-            tap_indices,
-            offsets,
-            bias,
-            channels,
-            k_stride,
-            len,
-            in_stride,
-            out_stride,
-        )
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_c_f32_avx(
+unsafe fn depthwise_c_f32(
     input: *const f32,
     output: *mut f32,
     kernel: *const f32,
