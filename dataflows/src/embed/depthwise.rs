@@ -73,15 +73,11 @@ unsafe fn depthwise_c_f32(
     // SAFETY: every pointer below stays inside what the caller vouched for: channel c of
     // an input, kernel, bias or output run, for c < channels, i < len and the given taps.
     unsafe {
-        // The kernel taps' rows, resolved once per run instead of once per point.
-        let kernel_rows: Vec<*const f32> = tap_indices
+        // Each tap's kernel row and input offset, resolved once per run, not per point.
+        let taps: Vec<(*const f32, isize)> = tap_indices
             .iter()
-            .map(|&tap| kernel.add(tap * k_stride))
-            .collect();
-        let taps: Vec<(*const f32, isize)> = kernel_rows
-            .iter()
-            .copied()
-            .zip(offsets.iter().copied())
+            .zip(offsets)
+            .map(|(&tap, &off)| (kernel.add(tap * k_stride), off))
             .collect();
         for i in 0..len as isize {
             let x = input.offset(i * in_stride);
