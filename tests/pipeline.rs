@@ -36,6 +36,11 @@ fn once_run_writes_models_status_and_readable_tables() {
     assert_eq!(status["errors"], 0);
     assert_eq!(status["labels"]["Apple Golden 1"], 10);
     assert_eq!(status["labels"].as_object().unwrap().len(), 4);
+    // The 6 epochs were a catch-up (a queue behind each but the last): refits were
+    // deferred, and the last epoch's PCA covers every image.
+    assert_eq!(status["epoch"], 6);
+    assert_eq!(status["models_epoch"]["pca"], 6, "{status}");
+    assert_eq!(status["pca"]["n"], 40);
     let k = status["pca"]["k"].as_u64().unwrap() as usize;
     let ratios = status["pca"]["explained_variance_ratio"]
         .as_array()

@@ -78,6 +78,10 @@ impl PipelineConfig {
             (0.0..=1.0).contains(&self.pca.refit_fraction),
             "[pca] refit_fraction must be in [0, 1]"
         );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.pca.catch_up_refit_fraction),
+            "[pca] catch_up_refit_fraction must be in [0, 1]"
+        );
         anyhow::ensure!(self.kmeans.k > 0, "[kmeans] k must be positive");
         anyhow::ensure!(
             self.kmeans.decay > 0.0 && self.kmeans.decay <= 1.0,

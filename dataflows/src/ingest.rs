@@ -15,7 +15,7 @@ use crate::source::{KeyRange, Ledger, ListedObject, Source};
 use crate::state::operator::{commit, CommitItem};
 use crate::state::{discard_uncommitted, Archive, Checkpoint};
 use crate::stats::operator::{label_stats, models, moment_partials};
-use crate::stats::LabelDiff;
+use crate::stats::{Backlog, LabelDiff};
 use anyhow::{Context, Result};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
@@ -140,6 +140,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
 
     let mut changes_in = InputHandleVec::<Epoch, Change>::new();
     let mut finish_in = InputHandleVec::<Epoch, ()>::new();
+    let mut plans_in = InputHandleVec::<Epoch, Backlog>::new();
     let mut restored_in = InputHandleVec::<Epoch, (String, Epoch, LabelDiff)>::new();
     let committed = ProbeHandle::new();
     let finished = Rc::new(Cell::new(false));
@@ -168,10 +169,12 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
         });
         // Moments: one exact partial per worker and epoch.
         let partials = moment_partials(rows.clone(), dim);
-        // Models: PCA + KMeans after each epoch, on worker 0.
+        // Models: PCA + KMeans after each epoch, on worker 0, refitting the PCA as the
+        // epoch's backlog (worker 0's cut) says.
         let models = models(
             partials,
             rows.clone(),
+            scope.input_from(&mut plans_in),
             checkpoint.models.clone(),
             config.pca.clone(),
             config.kmeans.clone(),
@@ -227,6 +230,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     let mut epoch = checkpoint.epoch + 1;
     changes_in.advance_to(epoch);
     finish_in.advance_to(epoch);
+    plans_in.advance_to(epoch);
     restored_in.advance_to(epoch);
     if index == 0 {
         // The restored per-label statistics enter the differential collection once.
@@ -306,13 +310,16 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
             for change in changes {
                 changes_in.send(change);
             }
-            if cutter.done(options) {
+            let done = cutter.done(options);
+            plans_in.send(cutter.backlog(done));
+            if done {
                 finish_in.send(());
             }
         }
         epoch += 1;
         changes_in.advance_to(epoch);
         finish_in.advance_to(epoch);
+        plans_in.advance_to(epoch);
         // 3. At most two epochs in flight: the next one embeds while this one commits.
         while committed.less_than(&(epoch - 1)) {
             rounds.step(worker, Duration::from_millis(100));
@@ -337,6 +344,7 @@ pub fn run_worker(worker: &mut Worker, options: &RunOptions) -> Result<()> {
     }
     drop(changes_in);
     drop(finish_in);
+    drop(plans_in);
     if let Some(watch) = &options.liveness {
         watch.stop();
     }
@@ -748,6 +756,18 @@ impl EpochCutter {
     fn next_epoch(&mut self, epoch_size: usize) -> Vec<Change> {
         let n = epoch_size.min(self.queue.len());
         self.queue.drain(..n).collect()
+    }
+
+    /// The backlog behind the epoch just cut: changes still queued, or start-up slices
+    /// still to list (so a sliced listing gives the same backlogs as a whole one). The
+    /// run's last epoch clears it by definition; an epoch that clears it with no rows
+    /// still gets a deferred refit (see [`crate::stats::operator::models`]).
+    fn backlog(&self, done: bool) -> Backlog {
+        if !done && (!self.queue.is_empty() || self.catch_up.is_some()) {
+            Backlog::Queued
+        } else {
+            Backlog::Clear
+        }
     }
 
     fn done(&self, options: &RunOptions) -> bool {

@@ -17,6 +17,18 @@ pub use pca::{PcaConfig, PcaModel};
 
 use serde::{Deserialize, Serialize};
 
+/// Whether more listed changes were queued behind an epoch when worker 0 cut it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backlog {
+    /// More changes wait for the next epochs: the archive is being caught up (a first
+    /// ingest, a large new folder), and the PCA refits on
+    /// [`PcaConfig::catch_up_refit_fraction`].
+    Queued,
+    /// The epoch takes everything listed so far: the PCA refits on
+    /// [`PcaConfig::refit_fraction`].
+    Clear,
+}
+
 /// Everything the statistics stage knows after an epoch: the published models.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Models {
@@ -50,15 +62,18 @@ impl Models {
     /// Folds epoch `epoch` in: its merged moment partial, then its points (sequential
     /// twin of what the dataflow does on worker 0). The moments are always exact and
     /// current; the PCA (an eigendecomposition, ~0.4 s at d = 1280) is refitted only once
-    /// the changes since the last fit reach `refit_fraction` of the live images, so a
-    /// trickle does not pay it per image. A fitted PCA is always the batch PCA of the
-    /// `pca.n` images live at `pca_epoch`. The policy counts changes, not time, so when a
-    /// refit happens depends only on the data: the same for any `-w`/`-n`.
+    /// the changes since the last fit reach `refit_fraction` of the live images
+    /// (`catch_up_refit_fraction` while a backlog is queued behind the epoch), so neither
+    /// a trickle nor a catch-up pays it per epoch. A fitted PCA is always the batch PCA of
+    /// the `pca.n` images live at `pca_epoch`. The policy counts changes, not time, and
+    /// the backlog is worker 0's cut of the listing, so when a refit happens depends only
+    /// on the data: the same for any `-w`/`-n`.
     pub fn apply_epoch(
         &mut self,
         epoch: u64,
         partials: Vec<moments::Partial>,
         points: Vec<kmeans::EpochPoint>,
+        backlog: Backlog,
         pca: &PcaConfig,
         kmeans: &KMeansConfig,
     ) {
@@ -68,7 +83,7 @@ impl Models {
             self.moments.fold(&partial);
         }
         self.changes_since_fit += points.len() as u64;
-        if self.refit_due(pca) {
+        if self.refit_due(pca, backlog) {
             self.pca = pca::fit(&self.moments, pca);
             self.pca_epoch = epoch;
             self.changes_since_fit = 0;
@@ -76,14 +91,15 @@ impl Models {
         self.fold_points(points, kmeans);
     }
 
-    fn refit_due(&self, config: &PcaConfig) -> bool {
+    fn refit_due(&self, config: &PcaConfig, backlog: Backlog) -> bool {
+        let fraction = match backlog {
+            Backlog::Queued => config.catch_up_refit_fraction,
+            Backlog::Clear => config.refit_fraction,
+        };
         match &self.pca {
             None => true,
             Some(_) if self.changes_since_fit == 0 => false,
-            Some(_) => {
-                self.changes_since_fit as f64
-                    >= config.refit_fraction * self.moments.n.max(0) as f64
-            }
+            Some(_) => self.changes_since_fit as f64 >= fraction * self.moments.n.max(0) as f64,
         }
     }
 
@@ -169,7 +185,7 @@ mod tests {
             } else {
                 moments::Partial::Rows(new.iter().map(|(_, e, d)| (e.clone(), *d)).collect())
             };
-            models.apply_epoch(epoch, vec![partial], new, &config, &kmeans);
+            models.apply_epoch(epoch, vec![partial], new, Backlog::Clear, &config, &kmeans);
             let pca = models.pca.as_ref().unwrap();
             if models.pca_epoch == epoch {
                 fitted_at.push(epoch);
@@ -200,6 +216,7 @@ mod tests {
             1,
             vec![moments::Partial::Dense(partial)],
             new,
+            Backlog::Clear,
             &every,
             &kmeans,
         );
@@ -209,9 +226,53 @@ mod tests {
             2,
             vec![moments::Partial::Dense(partial)],
             one,
+            Backlog::Clear,
             &every,
             &kmeans,
         );
         assert_eq!(m.pca_epoch, 2, "1 change in 21 is over the default 1 %");
+    }
+
+    /// While a backlog is queued the PCA refits only when the live images have grown
+    /// enough (quadrupled at the default 0.75); the epoch that clears the backlog refits,
+    /// and every fit is the batch PCA of the images live at its epoch.
+    #[test]
+    fn a_catch_up_refits_on_growth_and_at_the_epoch_that_clears_the_backlog() {
+        let config = PcaConfig::default();
+        let kmeans = KMeansConfig::default();
+        let mut models = Models::new(4);
+        let mut all: Vec<kmeans::EpochPoint> = Vec::new();
+        let mut fitted_at = Vec::new();
+        // 10 epochs of 8 images; the last one clears the backlog.
+        for epoch in 1..=10u64 {
+            let new: Vec<_> = (0..8).map(|i| point(epoch as usize * 8 + i)).collect();
+            all.extend(new.iter().cloned());
+            let partial =
+                moments::Partial::Rows(new.iter().map(|(_, e, d)| (e.clone(), *d)).collect());
+            let backlog = if epoch < 10 {
+                Backlog::Queued
+            } else {
+                Backlog::Clear
+            };
+            models.apply_epoch(epoch, vec![partial], new, backlog, &config, &kmeans);
+            if models.pca_epoch == epoch {
+                fitted_at.push(epoch);
+                let batch = moments::moments_of(4, all.iter().map(|(_, e, d)| (e, *d)));
+                assert_eq!(models.pca, pca::fit(&batch, &config), "epoch {epoch}");
+            }
+            assert_eq!(models.moments.n as usize, all.len());
+        }
+        // 8 images at the first fit; 32 (4x) at epoch 4; none at 128 within 80; the end.
+        assert_eq!(fitted_at, vec![1, 4, 10]);
+        assert_eq!(models.pca.as_ref().unwrap().n, 80);
+        // Without a backlog the same epochs refit every time (8 of 8k+8 is over 1 %).
+        let mut every = Models::new(4);
+        for epoch in 1..=3u64 {
+            let new: Vec<_> = (0..8).map(|i| point(epoch as usize * 8 + i)).collect();
+            let partial =
+                moments::Partial::Rows(new.iter().map(|(_, e, d)| (e.clone(), *d)).collect());
+            every.apply_epoch(epoch, vec![partial], new, Backlog::Clear, &config, &kmeans);
+            assert_eq!(every.pca_epoch, epoch);
+        }
     }
 }

@@ -5,7 +5,8 @@
 
 use super::moments::{Partial, SPARSE_ROWS};
 use super::{
-    kmeans::EpochPoint, KMeansConfig, LabelDiff, LabelStats, Models, MomentsAccumulator, PcaConfig,
+    kmeans::EpochPoint, Backlog, KMeansConfig, LabelDiff, LabelStats, Models, MomentsAccumulator,
+    PcaConfig,
 };
 use crate::background::Background;
 use crate::embed::operator::RowUpdate;
@@ -16,7 +17,8 @@ use differential_dataflow::AsCollection;
 use std::collections::BTreeMap;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
 
 /// One moment partial per worker and epoch, emitted when the epoch is complete: the
@@ -166,9 +168,14 @@ pub struct Fitted {
 /// thread, in epoch order, while the operator holds the epoch's capability: worker 0
 /// keeps embedding instead of stalling every worker at each epoch boundary, and the OS
 /// shares the cores between the fit and the embedding.
+///
+/// `plans` carries worker 0's [`Backlog`] of every epoch it cut. An epoch without rows
+/// (nothing changed, or only rejected files) is fitted only when a catch-up deferred a
+/// refit and this epoch clears the backlog: the run then never ends on a deferred PCA.
 pub fn models<'s>(
     partials: StreamVec<'s, Epoch, Partial>,
     rows: StreamVec<'s, Epoch, RowUpdate>,
+    plans: StreamVec<'s, Epoch, Backlog>,
     models: Models,
     pca: PcaConfig,
     kmeans: KMeansConfig,
@@ -176,9 +183,12 @@ pub fn models<'s>(
     let points = Exchange::new(|_: &RowUpdate| 0);
     let scope = partials.scope();
     let worker = scope.worker();
-    partials.binary_frontier(
+    let epochs = partials
+        .map(EpochInput::Moments)
+        .concat(plans.map(EpochInput::Plan));
+    epochs.binary_frontier(
         rows,
-        Exchange::new(|_: &Partial| 0),
+        Exchange::new(|_: &EpochInput| 0),
         points,
         "models",
         move |_, info| {
@@ -186,31 +196,35 @@ pub fn models<'s>(
             // Started on the first complete epoch: only worker 0 ever gets one.
             let mut fitter = None;
             let mut seed = Some((models, pca, kmeans, activator));
-            let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<Partial>, Vec<EpochPoint>)> =
-                BTreeMap::new();
+            let mut open: BTreeMap<Epoch, (Capability<Epoch>, OpenEpoch)> = BTreeMap::new();
             let mut fitting: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
-            move |(partials, f1), (rows, f2), output| {
-                partials.for_each(|cap, data| {
+            // A catch-up epoch was fitted since the last epoch that cleared the backlog.
+            let mut deferred = false;
+            move |(epochs, f1), (rows, f2), output| {
+                epochs.for_each(|cap, data| {
                     let Some(&t) = cap.least() else { return };
-                    let entry = open.entry(t).or_insert_with(|| {
-                        (
-                            cap.retain_least(0).expect("stamped"),
-                            Vec::new(),
-                            Vec::new(),
-                        )
-                    });
-                    entry.1.extend(data.drain(..));
+                    let entry = &mut open
+                        .entry(t)
+                        .or_insert_with(|| {
+                            (cap.retain_least(0).expect("stamped"), OpenEpoch::default())
+                        })
+                        .1;
+                    for input in data.drain(..) {
+                        match input {
+                            EpochInput::Moments(partial) => entry.partials.push(partial),
+                            EpochInput::Plan(backlog) => entry.backlog = backlog,
+                        }
+                    }
                 });
                 rows.for_each(|cap, data| {
                     let Some(&t) = cap.least() else { return };
-                    let entry = open.entry(t).or_insert_with(|| {
-                        (
-                            cap.retain_least(0).expect("stamped"),
-                            Vec::new(),
-                            Vec::new(),
-                        )
-                    });
-                    entry.2.extend(
+                    let entry = &mut open
+                        .entry(t)
+                        .or_insert_with(|| {
+                            (cap.retain_least(0).expect("stamped"), OpenEpoch::default())
+                        })
+                        .1;
+                    entry.points.extend(
                         data.drain(..)
                             .map(|(row, _, diff)| (row.key, row.embedding, diff)),
                     );
@@ -220,12 +234,18 @@ pub fn models<'s>(
                     if f1.less_equal(&t) || f2.less_equal(&t) {
                         break;
                     }
-                    let (cap, partial, points) = entry.remove();
+                    let (cap, epoch) = entry.remove();
+                    let changed = !epoch.partials.is_empty() || !epoch.points.is_empty();
+                    let owed = deferred && epoch.backlog == Backlog::Clear;
+                    if !changed && !owed {
+                        continue;
+                    }
+                    deferred = epoch.backlog == Backlog::Queued;
                     let fitter: &mut Fitter = fitter.get_or_insert_with(|| {
                         let (models, pca, kmeans, activator) = seed.take().expect("one fitter");
                         start_fitter(models, pca, kmeans, activator)
                     });
-                    fitter.submit((t, partial, points));
+                    fitter.submit((t, epoch));
                     fitting.insert(t, cap);
                 }
                 if let Some(fitter) = fitter.as_mut() {
@@ -239,8 +259,35 @@ pub fn models<'s>(
     )
 }
 
-/// One epoch's moment partials and points, to fold into the models.
-type FitJob = (Epoch, Vec<Partial>, Vec<EpochPoint>);
+/// What reaches the models operator per epoch besides the rows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum EpochInput {
+    /// A worker's moment partial.
+    Moments(Partial),
+    /// Worker 0's backlog when it cut the epoch.
+    Plan(Backlog),
+}
+
+/// One epoch as the models operator gathers it.
+struct OpenEpoch {
+    partials: Vec<Partial>,
+    points: Vec<EpochPoint>,
+    backlog: Backlog,
+}
+
+impl Default for OpenEpoch {
+    /// An epoch with no plan (the operator tests feed none) clears the backlog.
+    fn default() -> Self {
+        OpenEpoch {
+            partials: Vec::new(),
+            points: Vec::new(),
+            backlog: Backlog::Clear,
+        }
+    }
+}
+
+/// One epoch's moment partials, points and backlog, to fold into the models.
+type FitJob = (Epoch, OpenEpoch);
 
 /// The thread that owns the models and folds epochs in, one after another.
 type Fitter = Background<FitJob, (Epoch, Fitted)>;
@@ -251,7 +298,12 @@ fn start_fitter(
     kmeans: KMeansConfig,
     wake: timely::scheduling::SyncActivator,
 ) -> Fitter {
-    Background::start("models", wake, move |(t, partials, points): FitJob| {
+    Background::start("models", wake, move |(t, epoch): FitJob| {
+        let OpenEpoch {
+            partials,
+            points,
+            backlog,
+        } = epoch;
         let started = std::time::Instant::now();
         let rows = (points.len() <= crate::state::DELTA_ROWS).then(|| {
             points
@@ -263,7 +315,7 @@ fn start_fitter(
                 .collect()
         });
         timed("models", || {
-            models.apply_epoch(t, partials, points, &pca, &kmeans)
+            models.apply_epoch(t, partials, points, backlog, &pca, &kmeans)
         });
         tracing::debug!(
             stage = "stats",
@@ -285,6 +337,7 @@ mod tests {
     use super::*;
     use crate::record::{Embedding, ImageKey, ImageRow, Label};
     use crate::stats::reference::{batch_pca, max_principal_angle};
+    use crate::stats::Backlog;
     use std::sync::{Arc, Mutex};
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Inspect, Probe};
@@ -324,11 +377,26 @@ mod tests {
     /// Streams `epochs` (each a list of updates) through moments → models on `workers`
     /// workers; returns the models published after the last epoch.
     fn stream(workers: usize, epochs: Vec<Vec<(ImageRow, i64)>>) -> Models {
-        let result = Arc::new(Mutex::new(None));
+        let clear = vec![Backlog::Clear; epochs.len()];
+        stream_planned(workers, epochs, clear)
+            .pop()
+            .expect("models published")
+            .1
+    }
+
+    /// [`stream`] with worker 0 sending each epoch's backlog, as the cutter does; returns
+    /// every (epoch, models) published.
+    fn stream_planned(
+        workers: usize,
+        epochs: Vec<Vec<(ImageRow, i64)>>,
+        backlogs: Vec<Backlog>,
+    ) -> Vec<(Epoch, Models)> {
+        let result = Arc::new(Mutex::new(Vec::new()));
         let sink = result.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
             let mut input = InputHandleVec::<Epoch, RowUpdate>::new();
+            let mut plans = InputHandleVec::<Epoch, Backlog>::new();
             let probe = ProbeHandle::new();
             let sink = sink.clone();
             worker.dataflow::<Epoch, _, _>(|scope| {
@@ -337,6 +405,7 @@ mod tests {
                 models(
                     partials,
                     rows,
+                    scope.input_from(&mut plans),
                     Models::new(D),
                     PcaConfig::default(),
                     crate::stats::KMeansConfig {
@@ -344,7 +413,13 @@ mod tests {
                         ..Default::default()
                     },
                 )
-                .inspect(move |m| *sink.lock().unwrap() = Some(m.models.clone()))
+                .inspect_core(move |event| {
+                    if let Ok((stamp, fitted)) = event {
+                        let t = *stamp.least().expect("stamped");
+                        let mut sink = sink.lock().unwrap();
+                        sink.extend(fitted.iter().map(|m| (t, m.models.clone())));
+                    }
+                })
                 .probe_with(&probe);
             });
             for (t, epoch) in epochs.iter().enumerate() {
@@ -354,15 +429,60 @@ mod tests {
                         input.send((row.clone(), t as Epoch, *diff));
                     }
                 }
+                if index == 0 {
+                    plans.send(backlogs[t]);
+                }
                 input.advance_to(t as Epoch + 1);
+                plans.advance_to(t as Epoch + 1);
                 while probe.less_than(input.time()) {
                     worker.step();
                 }
             }
         })
         .unwrap();
-        let models = result.lock().unwrap().take().expect("models published");
-        models
+        let published = std::mem::take(&mut *result.lock().unwrap());
+        published
+    }
+
+    /// A catch-up defers refits to when the images have grown enough; an epoch that
+    /// clears the backlog refits even when it brings no rows (only rejected files), so
+    /// a run never ends on a deferred PCA.
+    #[test]
+    fn a_deferred_refit_happens_at_the_epoch_that_clears_the_backlog_even_without_rows() {
+        let rows = points(120, 5);
+        // Epochs 0-5 of 20 rows behind a backlog, then an epoch with no rows.
+        let mut epochs: Vec<Vec<(ImageRow, i64)>> = rows
+            .chunks(20)
+            .map(|c| c.iter().map(|r| (r.clone(), 1)).collect())
+            .collect();
+        epochs.push(Vec::new());
+        let mut backlogs = vec![Backlog::Queued; 6];
+        backlogs.push(Backlog::Clear);
+        for workers in [1, 3] {
+            let published = stream_planned(workers, epochs.clone(), backlogs.clone());
+            let epochs_out: Vec<Epoch> = published.iter().map(|(t, _)| *t).collect();
+            assert_eq!(epochs_out, vec![0, 1, 2, 3, 4, 5, 6], "{workers} workers");
+            let fitted: Vec<(Epoch, i64)> = published
+                .iter()
+                .filter(|(t, m)| m.pca_epoch == *t)
+                .map(|(t, m)| (*t, m.pca.as_ref().unwrap().n))
+                .collect();
+            // 20 images at the first fit, 80 (4x) at epoch 3, then all 120 at epoch 6.
+            assert_eq!(
+                fitted,
+                vec![(0, 20), (3, 80), (6, 120)],
+                "{workers} workers"
+            );
+            assert_matches_batch(&published.last().unwrap().1, &rows);
+        }
+        // Epochs without rows and without a deferred refit publish nothing.
+        let mut idle = epochs[..2].to_vec();
+        idle.push(Vec::new());
+        let published = stream_planned(1, idle, vec![Backlog::Clear; 3]);
+        assert_eq!(
+            published.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
     }
 
     fn shuffled(mut rows: Vec<ImageRow>, seed: u64) -> Vec<ImageRow> {

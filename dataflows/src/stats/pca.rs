@@ -21,6 +21,14 @@ pub struct PcaConfig {
     /// the live images (0 = every epoch with a change). At 0.01 a first ingest refits at
     /// every epoch, and a trickle of one image per poll into 5,000 refits every ~50.
     pub refit_fraction: f64,
+    /// The same threshold for an epoch cut while more listed changes wait behind it (a
+    /// first ingest, a large new folder): the archive is being caught up, and every
+    /// model published before the last of those epochs is superseded within minutes.
+    /// At 0.75 a catch-up refits when the live images have quadrupled since the last fit
+    /// (after the first epoch, at 4x, 16x, ... its size); the epoch that clears the
+    /// backlog is judged by `refit_fraction`, which the deferred changes exceed. A
+    /// 69,300-image first ingest refits 4 times instead of 34.
+    pub catch_up_refit_fraction: f64,
 }
 
 impl Default for PcaConfig {
@@ -29,6 +37,7 @@ impl Default for PcaConfig {
             variance: 0.95,
             k: None,
             refit_fraction: 0.01,
+            catch_up_refit_fraction: 0.75,
         }
     }
 }
