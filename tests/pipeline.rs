@@ -40,6 +40,7 @@ fn once_run_writes_models_status_and_readable_tables() {
     // deferred, and the last epoch's PCA covers every image.
     assert_eq!(status["epoch"], 6);
     assert_eq!(status["models_epoch"]["pca"], 6, "{status}");
+    assert_eq!(status["models_epoch"]["changes_since_fit"], 0, "{status}");
     assert_eq!(status["pca"]["n"], 40);
     let k = status["pca"]["k"].as_u64().unwrap() as usize;
     let ratios = status["pca"]["explained_variance_ratio"]

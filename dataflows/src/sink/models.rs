@@ -23,10 +23,12 @@ pub fn status(checkpoint: &Checkpoint) -> serde_json::Value {
             "engine": checkpoint.embed.backend,
         }),
         // Which epoch each model is at: the moments, label counts and KMeans move every
-        // epoch; the PCA is refitted on [pca] refit_fraction (it covers pca.n images).
+        // epoch; the PCA is refitted on [pca] refit_fraction, or catch_up_refit_fraction
+        // while a backlog is queued (it covers pca.n images; changes_since_fit are not in it).
         "models_epoch": json!({
             "pca": models.pca.as_ref().map(|_| models.pca_epoch),
             "kmeans": checkpoint.epoch,
+            "changes_since_fit": models.changes_since_fit,
         }),
         "pca": models.pca.as_ref().map(|p| json!({
             "k": p.k,
