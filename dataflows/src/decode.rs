@@ -348,9 +348,16 @@ fn resize(image: &RgbImage, size: u32) -> Vec<u8> {
     .expect("an RgbImage buffer holds width x height RGB pixels");
     let mut dst = Image::new(size, size, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .expect("same pixel type on both sides, and u8 RGB needs no alignment");
+    // One resizer per thread: a new one allocates and zeroes its intermediate buffer and
+    // detects the CPU's features for every image.
+    thread_local! {
+        static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+    }
+    RESIZER.with_borrow_mut(|resizer| {
+        resizer
+            .resize(&src, &mut dst, &options)
+            .expect("same pixel type on both sides, and u8 RGB needs no alignment")
+    });
     dst.into_vec()
 }
 

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::TensorRef;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -98,7 +98,9 @@ impl OrtEngine {
             self.size
         );
         let shape = [tensor.len() / image, 3, self.size, self.size];
-        let input = Tensor::from_array((shape, tensor.to_vec().into_boxed_slice()))?;
+        // A view of the caller's buffer: an owned copy cost a fresh, page-faulted
+        // 600 KB allocation per batch of 4 (16 % of a run's page faults).
+        let input = TensorRef::from_array_view((shape, tensor))?;
         let mut session = self.session.lock().expect("onnxruntime session lock");
         let outputs = session.run(ort::inputs![self.input.as_str() => input])?;
         self.outputs
