@@ -217,8 +217,8 @@ fn onnxruntime_batches_and_threads_give_bit_identical_embeddings() {
     };
     let mut many = Embedder::load_for_stage(&config, &decode, &batched, 1).unwrap();
     assert_eq!(many.batch(), 8);
-    // The default batch is 8 on one thread or more.
-    for (threads, expected) in [(1, 8), (2, 8)] {
+    // The default batch follows the session's threads: 4 on one, 8 on more.
+    for (threads, expected) in [(1, 4), (2, 8)] {
         let default = InferenceConfig {
             threads,
             ..InferenceConfig::default()

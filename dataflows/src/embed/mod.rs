@@ -125,7 +125,7 @@ impl EmbedConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceConfig {
     /// Images per model run (onnxruntime; tract runs one at a time, its fastest); 0 (the
-    /// default): [`DEFAULT_BATCH`].
+    /// default): [`InferenceConfig::batch_for`] picks it from the session's threads.
     pub batch: usize,
     /// Intra-op threads per worker (onnxruntime); 0: the process's cores divided among
     /// its workers, at least 1, so the workers do not oversubscribe the cores. With
@@ -157,16 +157,24 @@ struct Session {
     shared: bool,
 }
 
-/// Images per onnxruntime run by default: the best of 1/4/8/16 at 2 threads in the
-/// bench's batch table, and on one thread (`-w 2` on 2 cores) faster than 4 by 2-9 % in
-/// six alternating whole runs (docs/benchmarks.md, "Speed", 2026-12-07 second session),
-/// for ~30 MB more peak RSS per process at `-w 2`.
+/// Images per onnxruntime run by default for a session of several intra-op threads: the
+/// best of 1/4/8/16 at 2 threads in the bench's batch table (docs/benchmarks.md, "Speed").
 pub const DEFAULT_BATCH: usize = 8;
 
+/// Images per run by default for a one-thread session (`-w 2` on 2 cores). 8 runs 0-9 %
+/// faster there over the 5,107 shared images (six alternating runs, 2026-12-07), but a
+/// 250k-image first ingest peaked at 399 MB with 8 against 348 MB with 4, for 391 against
+/// 394 s: 4 keeps the memory target's margin (docs/benchmarks.md, "Speed", 2026-12-07
+/// second session).
+pub const ONE_THREAD_BATCH: usize = 4;
+
 impl InferenceConfig {
-    /// Images per run: `batch`, or [`DEFAULT_BATCH`] when it is 0.
-    pub fn batch(&self) -> usize {
+    /// Images per run for a session of `threads` intra-op threads: `batch`, or by
+    /// default [`ONE_THREAD_BATCH`] on one thread and [`DEFAULT_BATCH`] on more (a batch
+    /// gains only when several threads share it).
+    pub fn batch_for(&self, threads: usize) -> usize {
         match self.batch {
+            0 if threads <= 1 => ONE_THREAD_BATCH,
             0 => DEFAULT_BATCH,
             batch => batch,
         }
@@ -365,7 +373,7 @@ impl Embedder {
                 threads,
                 shared: inference.shared_session,
             },
-            inference.batch(),
+            inference.batch_for(threads),
         )
     }
 
