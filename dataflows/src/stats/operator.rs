@@ -261,7 +261,7 @@ pub fn models<'s>(
 
 /// What reaches the models operator per epoch besides the rows.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub enum EpochInput {
+enum EpochInput {
     /// A worker's moment partial.
     Moments(Partial),
     /// Worker 0's backlog when it cut the epoch.
