@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Capability, Concat};
+use timely::dataflow::operators::{Capability, Concat, InputCapability};
 use timely::dataflow::StreamVec;
 
 /// One moment partial per worker and epoch, emitted when the epoch is complete: the
@@ -202,13 +202,9 @@ pub fn models<'s>(
             let mut deferred = false;
             move |(epochs, f1), (rows, f2), output| {
                 epochs.for_each(|cap, data| {
-                    let Some(&t) = cap.least() else { return };
-                    let entry = &mut open
-                        .entry(t)
-                        .or_insert_with(|| {
-                            (cap.retain_least(0).expect("stamped"), OpenEpoch::default())
-                        })
-                        .1;
+                    let Some(entry) = open_epoch(&mut open, &cap) else {
+                        return;
+                    };
                     for input in data.drain(..) {
                         match input {
                             EpochInput::Moments(partial) => entry.partials.push(partial),
@@ -217,13 +213,9 @@ pub fn models<'s>(
                     }
                 });
                 rows.for_each(|cap, data| {
-                    let Some(&t) = cap.least() else { return };
-                    let entry = &mut open
-                        .entry(t)
-                        .or_insert_with(|| {
-                            (cap.retain_least(0).expect("stamped"), OpenEpoch::default())
-                        })
-                        .1;
+                    let Some(entry) = open_epoch(&mut open, &cap) else {
+                        return;
+                    };
                     entry.points.extend(
                         data.drain(..)
                             .map(|(row, _, diff)| (row.key, row.embedding, diff)),
@@ -286,6 +278,19 @@ impl Default for OpenEpoch {
     }
 }
 
+/// The epoch a message under `cap` belongs to, opened (holding its capability) by its
+/// first message from either input.
+fn open_epoch<'a>(
+    open: &'a mut BTreeMap<Epoch, (Capability<Epoch>, OpenEpoch)>,
+    cap: &InputCapability<Epoch>,
+) -> Option<&'a mut OpenEpoch> {
+    let &t = cap.least()?;
+    let (_, epoch) = open
+        .entry(t)
+        .or_insert_with(|| (cap.retain_least(0).expect("stamped"), OpenEpoch::default()));
+    Some(epoch)
+}
+
 /// One epoch's moment partials, points and backlog, to fold into the models.
 type FitJob = (Epoch, OpenEpoch);
 
@@ -337,7 +342,6 @@ mod tests {
     use super::*;
     use crate::record::{Embedding, ImageKey, ImageRow, Label};
     use crate::stats::reference::{batch_pca, max_principal_angle};
-    use crate::stats::Backlog;
     use std::sync::{Arc, Mutex};
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Inspect, Probe};
